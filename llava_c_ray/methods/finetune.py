@@ -1,0 +1,5 @@
+"""`finetune`: sequential LoRA fine-tuning, merged after every stage, no consolidation, no UIR."""
+
+from llava_c_ray.methods.base import Method, register
+
+METHOD = register(Method(name="finetune", summary="sequential LoRA, merge, no consolidation"))
