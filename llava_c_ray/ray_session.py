@@ -1,0 +1,18 @@
+"""Joining Ray: a running cluster when there is one (RAY_ADDRESS, `ray job submit`), else a local Ray."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray() -> None:
+    """Initialise Ray once per process: connect to `RAY_ADDRESS` if set, else start Ray locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        # A local run needs no dashboard; it costs start-up time on a laptop.
+        ray.init(include_dashboard=False)

@@ -1,0 +1,63 @@
+"""Run directory: manifest written atomically, resume on the same config, refusal on another."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llava_c_ray.config import job_from_dict
+from llava_c_ray.errors import LlavaCError
+from llava_c_ray.rundir import config_differences, open_run_dir
+
+
+def make_job(**overrides: object):
+    data = {"tasks": [{"name": "a", "train": "x", "test": "y"}], **overrides}
+    return job_from_dict(data, check_files=False)
+
+
+def test_new_run_writes_config_and_manifest(tmp_path: Path) -> None:
+    run = open_run_dir(tmp_path / "run", make_job())
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config_hash"] == make_job().hash()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert run.step(1, "train") is None
+
+
+def test_reopen_resumes_recorded_steps(tmp_path: Path) -> None:
+    run = open_run_dir(tmp_path / "run", make_job())
+    run.record(1, "train", checkpoint="m", seconds=3.0)
+    again = open_run_dir(tmp_path / "run", make_job())
+    assert again.step(1, "train")["checkpoint"] == "m"
+    assert again.step(1, "evaluate") is None
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_different_job_refused_with_differing_keys(tmp_path: Path) -> None:
+    run = open_run_dir(tmp_path / "run", make_job())
+    run.record(0, "evaluate", scores={"a": 1.0})
+    with pytest.raises(LlavaCError, match=r"training\.lr: 2e-05 -> 0\.001"):
+        open_run_dir(tmp_path / "run", make_job(training={"lr": 1e-3}))
+    assert json.loads(run.manifest_file.read_text())["stages"][0]["steps"]["evaluate"]
+
+
+def test_force_new_moves_old_run_aside(tmp_path: Path) -> None:
+    open_run_dir(tmp_path / "run", make_job()).record(0, "evaluate")
+    open_run_dir(tmp_path / "run", make_job(training={"lr": 1e-3}), force_new=True)
+    moved = list(tmp_path.glob("run.old-*"))
+    assert len(moved) == 1 and (moved[0] / "manifest.json").is_file()
+
+
+def test_non_run_directory_refused(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("keep")
+    with pytest.raises(LlavaCError, match="no manifest"):
+        open_run_dir(tmp_path / "run", make_job())
+    assert (tmp_path / "run" / "precious.txt").read_text() == "keep"
+
+
+def test_config_differences_nested() -> None:
+    old = {"a": {"b": 1, "c": [1]}, "d": 2}
+    new = {"a": {"b": 2, "c": [1]}, "e": 3}
+    assert config_differences(old, new) == ["a.b: 1 -> 2", "d: 2 -> None", "e: None -> 3"]
