@@ -1,0 +1,1 @@
+"""LLaVA conversation data: reading, validation, templates, Parquet shards, the built-in benchmark."""

@@ -1,0 +1,1 @@
+"""The built-in benchmark: a procedurally drawn world in LLaVA format (SPEC.md §5)."""

@@ -1,0 +1,222 @@
+"""The domains of the built-in benchmark: each draws one (image, question, answer) sample from a seed.
+
+Six *general* domains (the continual-pretraining order of the paper: text QA, captions, OCR, scene
+text, spatial relations, grounding) and five *continual fine-tuning* tasks on new visual domains with
+the paper's task-specific suffixes. Three of the five answer with option letters whose meaning
+differs per task, and two with single words: the pressures that cause forgetting and base-model
+degradation in the paper. `style="sentence"` asks for full-sentence answers, the format of the
+general probe that no fine-tuning task uses.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image
+
+from llava_c_ray.data.synthetic import draw
+from llava_c_ray.data.synthetic.draw import COLORS, SHAPES, Thing
+
+WORD_SUFFIX = "Answer the question using a single word or phrase."
+LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
+LETTER_AT_END_SUFFIX = (
+    "Please answer the question and provide the correct option letter at the end."
+)
+CAPTION_PROMPT = "Provide a one-sentence caption for the image."
+GROUNDING_PROMPT = "Provide the bounding box coordinate of the region this sentence describes:"
+WORDS = ("cat", "dog", "sun", "map", "box", "cup", "key", "pen", "hat", "bus", "egg", "fox")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Image.Image | None
+    question: str
+    answer: str
+
+
+Domain = Callable[[random.Random, str], Sample]
+
+
+def options_text(options: list[str]) -> str:
+    return "\n".join(f"{chr(65 + i)}. {opt}" for i, opt in enumerate(options))
+
+
+def letter(options: list[str], answer: str) -> str:
+    return chr(65 + options.index(answer))
+
+
+def describe(things: list[Thing]) -> str:
+    names = [f"a {t.name}" for t in things]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{listed[0].upper()}{listed[1:]} on a white background."
+
+
+# --- general domains -------------------------------------------------------------------------
+
+
+def text_qa(rng: random.Random, style: str) -> Sample:
+    a, b = rng.randint(0, 4), rng.randint(0, 4)
+    if rng.random() < 0.5:
+        question, value = f"What is {a} plus {b}?", a + b
+        sentence = f"{a} plus {b} is {value}."
+    else:
+        shape = rng.choice(SHAPES)
+        sides = {"circle": 0, "square": 4, "triangle": 3}[shape]
+        question, value = f"How many corners does a {shape} have?", sides
+        sentence = f"A {shape} has {sides} corners."
+    if style == "sentence":
+        return Sample(None, f"{question} Answer in a full sentence.", sentence)
+    return Sample(None, f"{question}\n{WORD_SUFFIX}", str(value))
+
+
+def captions(rng: random.Random, style: str) -> Sample:
+    things = draw.scatter_things(rng, rng.randint(1, 2))
+    prompt = (
+        CAPTION_PROMPT
+        if style == "word"
+        else rng.choice(
+            (
+                "Describe the image.",
+                "What do you see in this picture?",
+                "Tell me what the image shows.",
+            )
+        )
+    )
+    return Sample(draw.draw_things(things), prompt, describe(things))
+
+
+def ocr(rng: random.Random, style: str) -> Sample:
+    word = rng.choice(WORDS)
+    image = draw.draw_word(word, rng)
+    if style == "sentence":
+        return Sample(
+            image,
+            "What is written in the image? Answer in a full sentence.",
+            f"The image says {word}.",
+        )
+    return Sample(image, f"What word is written in the image?\n{WORD_SUFFIX}", word)
+
+
+def scene_text(rng: random.Random, style: str) -> Sample:
+    word, sign = rng.choice(WORDS), rng.choice(list(COLORS))
+    image = draw.draw_word(word, rng, sign=sign)
+    if style == "sentence":
+        return Sample(
+            image,
+            "Read the sign and describe it in a full sentence.",
+            f"The {sign} sign says {word}.",
+        )
+    if rng.random() < 0.5:
+        return Sample(image, f"What is written on the sign?\n{WORD_SUFFIX}", word)
+    return Sample(image, f"What color is the sign?\n{WORD_SUFFIX}", sign)
+
+
+def spatial(rng: random.Random, style: str) -> Sample:
+    while True:
+        first, second = draw.scatter_things(rng, 2)
+        if first.col != second.col and first.name != second.name:
+            break
+    left, right = sorted((first, second), key=lambda t: t.col)
+    image = draw.draw_things([first, second])
+    if style == "sentence":
+        return Sample(
+            image,
+            f"Where is the {first.name} relative to the {second.name}? Answer in a full sentence.",
+            f"The {first.name} is {'left' if first is left else 'right'} of the {second.name}.",
+        )
+    return Sample(image, f"Which object is on the left?\n{WORD_SUFFIX}", left.name)
+
+
+def grounding(rng: random.Random, style: str) -> Sample:
+    things = draw.scatter_things(rng, 2)
+    while things[0].name == things[1].name:
+        things = draw.scatter_things(rng, 2)
+    target = rng.choice(things)
+    box = "[" + ", ".join(f"{v:.2f}" for v in target.box) + "]"
+    return Sample(draw.draw_things(things), f"{GROUNDING_PROMPT} the {target.name}.", box)
+
+
+# --- continual fine-tuning tasks (new visual domains) -----------------------------------------
+
+
+def icon_count(rng: random.Random, style: str) -> Sample:
+    """IconQA-like: count stars; options always in the same order, so a letter is a class code."""
+    count = rng.randint(1, 4)
+    image, canvas = draw.canvas((250, 240, 220))
+    color = rng.choice(list(COLORS))
+    for row, col in rng.sample([(r, c) for r in range(draw.GRID) for c in range(draw.GRID)], count):
+        draw.draw_shape(canvas, "star", color, draw.cell_box(row, col, margin=2))
+    options = ["1", "2", "3", "4"]
+    question = f"How many stars are there?\n{options_text(options)}\n{LETTER_SUFFIX}"
+    return Sample(image, question, letter(options, str(count)))
+
+
+NEW_SHAPES = ("diamond", "cross", "ring")
+
+
+def attributes(rng: random.Random, style: str) -> Sample:
+    """Super-CLEVR-like: new shapes on a dark floor; ask a colour or a shape."""
+    things = draw.scatter_things(rng, 3, shapes=NEW_SHAPES)
+    image = draw.draw_things(things, background=(60, 60, 70))
+    target = rng.choice(things)
+    if rng.random() < 0.5 and sum(t.shape == target.shape for t in things) == 1:
+        return Sample(image, f"What color is the {target.shape}?\n{WORD_SUFFIX}", target.color)
+    if sum(t.color == target.color for t in things) == 1:
+        return Sample(
+            image, f"What shape is the {target.color} object?\n{WORD_SUFFIX}", target.shape
+        )
+    return Sample(
+        image, f"What color is the object in the top row?\n{WORD_SUFFIX}", _top(things).color
+    )
+
+
+def _top(things: list[Thing]) -> Thing:
+    return min(things, key=lambda t: (t.row, t.col))
+
+
+def count_math(rng: random.Random, style: str) -> Sample:
+    """CLEVR-Math-like: subtract all objects of one colour, count what is left."""
+    things = draw.scatter_things(
+        rng, rng.randint(2, 5), shapes=NEW_SHAPES, colors=("red", "blue", "yellow")
+    )
+    color = rng.choice([t.color for t in things])
+    left = sum(t.color != color for t in things)
+    image = draw.draw_things(things, background=(60, 60, 70))
+    return Sample(
+        image, f"Subtract all {color} objects. How many objects are left?\n{WORD_SUFFIX}", str(left)
+    )
+
+
+def bar_chart(rng: random.Random, style: str) -> Sample:
+    """FigureQA-like: yes/no about a bar chart, as options A/B, letter at the end."""
+    colors = rng.sample(list(COLORS), 3)
+    values = rng.sample(range(1, 8), 3)
+    asked = rng.choice(colors)
+    is_max = values[colors.index(asked)] == max(values)
+    options = ["yes", "no"]
+    question = f"Is {asked} the tallest bar?\n{options_text(options)}\n{LETTER_AT_END_SUFFIX}"
+    return Sample(
+        draw.draw_bars(values, colors), question, letter(options, "yes" if is_max else "no")
+    )
+
+
+TRENDS = ("increasing", "decreasing", "flat", "peak")
+
+
+def line_plot(rng: random.Random, style: str) -> Sample:
+    """ArxivQA-like: which trend a line plot shows, multiple choice in a fixed order."""
+    trend = rng.choice(TRENDS)
+    n, noise = 6, [rng.uniform(-0.04, 0.04) for _ in range(6)]
+    base = {
+        "increasing": [i / (n - 1) for i in range(n)],
+        "decreasing": [1 - i / (n - 1) for i in range(n)],
+        "flat": [0.5] * n,
+        "peak": [1 - abs(i - 2.5) / 2.5 for i in range(n)],
+    }[trend]
+    ys = [min(1.0, max(0.0, y * 0.8 + 0.1 + e)) for y, e in zip(base, noise, strict=True)]
+    image = draw.draw_line_plot(ys, rng.choice(list(COLORS)))
+    question = f"Which trend does the line show?\n{options_text(list(TRENDS))}\n{LETTER_SUFFIX}"
+    return Sample(image, question, letter(list(TRENDS), trend))

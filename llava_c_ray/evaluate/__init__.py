@@ -1,0 +1,1 @@
+"""Evaluation: scoring, metrics, batched generation on Ray actors, reports and plots."""

@@ -1,0 +1,1 @@
+"""Model building, loading and checkpoint I/O."""
