@@ -1,0 +1,89 @@
+"""Training data of a stage: encoded task examples, plus packed inquiry rows appended per micro-batch."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from llava_c_ray.data.collate import LlavaCollator
+from llava_c_ray.data.records import Record, load_records
+from llava_c_ray.data.template import IGNORE_INDEX, Template, prompt_text
+from llava_c_ray.train.spec import TrainFile
+from llava_c_ray.train.uir import pack_rows
+
+
+class TaskDataset(Dataset):
+    """Records of one or more task files (several for `joint`), encoded on access."""
+
+    def __init__(
+        self, files: tuple[TrainFile, ...], processor: Any, template: Template, max_length: int
+    ):
+        self.items: list[tuple[Record, TrainFile]] = []
+        for f in files:
+            self.items += [(r, f) for r in load_records(f.path, f.image_folder, check_images=False)]
+        self.processor, self.template, self.max_length = processor, template, max_length
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from llava_c_ray.data.template import encode_example
+
+        record, source = self.items[index]
+        image = None
+        if record.image is not None:
+            with Image.open(Path(source.image_folder) / record.image) as img:
+                image = img.convert("RGB")
+        return encode_example(
+            record,
+            self.processor,
+            image,
+            self.template,
+            instruction=source.instruction,
+            max_length=self.max_length,
+        )
+
+
+class InquiryRows:
+    """Unlabeled text-only inquiries as prompts, packed several to a row, handed out cyclically."""
+
+    def __init__(self, path: Path, processor: Any, template: Template, per_row: int, seed: int):
+        records = load_records(path, None, require_answers=False, check_images=False)
+        prompts = [prompt_text(r.question, template) for r in records]
+        random.Random(seed).shuffle(prompts)
+        tokenized = processor.tokenizer(prompts)["input_ids"]
+        self.rows = pack_rows(tokenized, per_row)
+        self.position = 0
+
+    def take(self, count: int) -> list[list[int]]:
+        taken = [self.rows[(self.position + i) % len(self.rows)] for i in range(count)]
+        self.position = (self.position + count) % len(self.rows)
+        return taken
+
+
+class StageCollator:
+    """Pads a micro-batch and appends `rows` inquiry rows (labels -100), flagged by `uir_rows`.
+
+    The inquiry rows ride in the same forward pass as the training rows: DDP and ZeRO allow one
+    gradient-carrying forward per step.
+    """
+
+    def __init__(self, pad_token_id: int, inquiries: InquiryRows | None, rows: int):
+        self.collate = LlavaCollator(pad_token_id)
+        self.inquiries, self.rows = inquiries, rows
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        extra = []
+        if self.inquiries is not None:
+            extra = [
+                {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "pixel_values": None}
+                for ids in self.inquiries.take(self.rows)
+            ]
+        batch = self.collate(examples + extra)
+        batch["uir_rows"] = torch.tensor(len(extra))
+        return batch

@@ -1,0 +1,83 @@
+"""What one training stage needs, independent of the YAML schema: `StageSpec`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava_c_ray.config import JobConfig, TaskConfig, TrainingConfig
+from llava_c_ray.errors import LlavaCError
+
+
+@dataclass(frozen=True)
+class TrainFile:
+    path: Path
+    image_folder: Path | None
+    instruction: str = ""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """The inputs of `run_stage`: start checkpoint, data, losses, hyperparameters, workers."""
+
+    name: str
+    init: Path
+    out: Path
+    train_files: tuple[TrainFile, ...]
+    training: TrainingConfig
+    template: str = "vicuna_v1"
+    inquiry: Path | None = None
+    uir_weight: float = 0.0
+    uir_rows: int = 1
+    inquiries_per_row: int = 4
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    storage_path: Path | None = None
+
+    @classmethod
+    def from_job(
+        cls,
+        job: JobConfig,
+        *,
+        tasks: list[TaskConfig],
+        init: Path,
+        out: Path,
+        uir_weight: float,
+        name: str | None = None,
+    ) -> StageSpec:
+        if uir_weight > 0 and job.inquiry is None:
+            raise LlavaCError(
+                f"method {job.method.name!r} uses UIR but the job has no inquiry set",
+                fix="set `inquiry.path` to unlabeled text-only inquiries, or set uir.weight=0",
+            )
+        return cls(
+            name=name or "+".join(t.name for t in tasks),
+            init=init,
+            out=out,
+            train_files=tuple(TrainFile(t.train, t.image_folder, t.instruction) for t in tasks),
+            training=job.training,
+            template=job.model.template,
+            inquiry=job.inquiry.path if job.inquiry is not None and uir_weight > 0 else None,
+            uir_weight=uir_weight,
+            uir_rows=job.uir.rows_per_step,
+            inquiries_per_row=job.uir.inquiries_per_row,
+            num_workers=job.cluster.num_workers,
+            use_gpu=job.cluster.use_gpu,
+            cpus_per_worker=job.cluster.cpus_per_worker,
+            resources_per_worker=dict(job.cluster.resources_per_worker),
+        )
+
+    @property
+    def gradient_accumulation(self) -> int:
+        return self.training.global_batch // (self.training.per_device_batch * self.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "init": str(self.init),
+            "out": str(self.out),
+            "uir_weight": self.uir_weight,
+        }

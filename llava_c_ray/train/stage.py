@@ -1,0 +1,107 @@
+"""Run one training stage on Ray Train and bring its outputs (θ_t and the adapter) home.
+
+The driver validates every input first (start checkpoint, data files, images), then runs a
+`TorchTrainer` whose workers train with transformers' Trainer. A failed worker group restarts from
+the last reported checkpoint (`FailureConfig`), not from scratch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_c_ray.data.records import load_records
+from llava_c_ray.errors import LlavaCError
+from llava_c_ray.ray_session import ensure_ray
+from llava_c_ray.train.spec import StageSpec
+
+
+@dataclass(frozen=True)
+class StageResult:
+    model_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    metrics: dict[str, Any]
+
+
+def check_inputs(spec: StageSpec) -> None:
+    """Fail before any training if the start checkpoint or any training record is unusable."""
+    if not (Path(spec.init) / "config.json").is_file():
+        raise LlavaCError(
+            "start checkpoint not found (no config.json)",
+            path=spec.init,
+            fix="pass a Hugging Face LLaVA checkpoint directory as --init",
+        )
+    for source in spec.train_files:
+        load_records(source.path, source.image_folder)
+    if spec.inquiry is not None:
+        load_records(spec.inquiry, None, require_answers=False)
+
+
+def run_stage(spec: StageSpec) -> StageResult:
+    """Train one stage with `spec.num_workers` Ray Train workers; outputs land in `spec.out`."""
+    check_inputs(spec)
+    ensure_ray()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llava_c_ray.train.worker import train_loop_per_worker
+
+    storage = Path(spec.storage_path or spec.out / "ray_train").resolve()
+    resources = {"CPU": spec.cpus_per_worker, **spec.resources_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(
+            num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"stage-{spec.name}",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=spec.training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = fit(trainer)
+    return collect_outputs(result, spec.out)
+
+
+def fit(trainer) -> Any:
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        raise LlavaCError(f"training failed: {root_message(exc)}") from exc
+
+
+def root_message(exc: BaseException) -> str:
+    """The last line of the worker's error (e.g. its non-finite-loss error), not Ray's wrapper."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def collect_outputs(result, out: Path) -> StageResult:
+    """Copy the final checkpoint's `model/` and `adapter/` into `out`, renaming into place."""
+    if result.checkpoint is None:
+        raise LlavaCError("training finished without a final checkpoint", path=out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    result.checkpoint.to_directory(str(tmp))
+    for name in ("model", "adapter"):
+        if (tmp / name).is_dir():
+            shutil.rmtree(out / name, ignore_errors=True)
+            (tmp / name).rename(out / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    adapter = out / "adapter"
+    return StageResult(
+        model_dir=out / "model",
+        adapter_dir=adapter if adapter.is_dir() else None,
+        steps=int(result.metrics.get("step", 0)),
+        metrics=dict(result.metrics),
+    )

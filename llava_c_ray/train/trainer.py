@@ -1,0 +1,86 @@
+"""transformers' Trainer with the UIR term in `compute_loss` (SPEC.md §2.1).
+
+L = L_llava + λ·L_uir. The inquiry rows are the last `uir_rows` rows of each micro-batch (text only,
+labels -100), so they share the one gradient-carrying forward with the training rows; the reference
+hidden states come from a no-grad forward of the same rows with the LoRA adapters disabled — the
+stage-start model, without a second copy of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from llava_c_ray.errors import LlavaCError
+from llava_c_ray.train.uir import uir_loss
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / DeepSpeed wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def reference_hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Final hidden states of the stage-start model: the peft model with its adapters disabled."""
+    inner = unwrap(model)
+    disabled = (
+        inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
+    )
+    with disabled:
+        out = inner(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+class StageTrainer(Trainer):
+    """Trainer that adds λ·L_uir, refuses non-finite losses and logs both loss terms and tokens/s."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+
+    def __init__(self, *args: Any, uir_weight: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.uir_weight = uir_weight
+        self.sums = {"llava_loss": 0.0, "uir_loss": 0.0, "micro_batches": 0, "tokens": 0}
+        self.window_start = time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        uir_rows = int(inputs.pop("uir_rows", 0))
+        use_uir = uir_rows > 0 and self.uir_weight > 0
+        outputs = model(**inputs, output_hidden_states=use_uir)
+        loss = outputs.loss
+        self.sums["llava_loss"] += loss.item()
+        if use_uir:
+            ids, mask = inputs["input_ids"][-uir_rows:], inputs["attention_mask"][-uir_rows:]
+            reference = reference_hidden(model, ids, mask)
+            term = uir_loss(outputs.hidden_states[-1][-uir_rows:], reference, mask)
+            self.sums["uir_loss"] += term.item()
+            loss = loss + self.uir_weight * term
+        if not math.isfinite(loss.item()):
+            raise LlavaCError(
+                f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step}",
+                fix="lower training.lr or check the data; the last good checkpoint is kept",
+            )
+        self.sums["micro_batches"] += 1
+        self.sums["tokens"] += int(inputs["attention_mask"].sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        n = self.sums["micro_batches"]
+        if n and "loss" in logs:
+            elapsed = time.perf_counter() - self.window_start
+            logs["llava_loss"] = self.sums["llava_loss"] / n
+            logs["uir_loss"] = self.sums["uir_loss"] / n
+            logs["tokens_per_s"] = self.sums["tokens"] / max(elapsed, 1e-9)
+            self.sums = dict.fromkeys(self.sums, 0)
+            self.sums["llava_loss"] = self.sums["uir_loss"] = 0.0
+            self.window_start = time.perf_counter()
+        super().log(logs, *args, **kwargs)

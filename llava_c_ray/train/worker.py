@@ -1,0 +1,222 @@
+"""The per-worker training function that Ray Train runs: model set-up, Trainer, checkpoints, final save."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava_c_ray.config import TrainingConfig
+from llava_c_ray.train.spec import StageSpec
+
+FINAL_MARKER = "final"
+LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def training_arguments(spec: StageSpec, output_dir: Path, rank: int):
+    """TrainingArguments from the stage spec. Built before the model is loaded: with ZeRO-3 this
+    registers the DeepSpeed config so `from_pretrained` partitions weights instead of loading them
+    whole on every rank."""
+    from transformers import TrainingArguments
+
+    t = spec.training
+    bf16, fp16 = precision_flags(t, spec.use_gpu)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.per_device_batch,
+        gradient_accumulation_steps=spec.gradient_accumulation,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(t.schedule, t.schedule),
+        warmup_steps=t.warmup_ratio,
+        max_grad_norm=t.grad_clip,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every,
+        save_total_limit=2,
+        report_to=["tensorboard"] if rank == 0 else [],
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not spec.use_gpu,
+        ddp_backend=None if spec.use_gpu else "gloo",
+        deepspeed=deepspeed_config(spec) if t.strategy == "deepspeed" else None,
+        gradient_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=t.dataloader_workers,
+        remove_unused_columns=False,
+        disable_tqdm=rank != 0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def precision_flags(t: TrainingConfig, use_gpu: bool) -> tuple[bool, bool]:
+    precision = t.precision if t.precision != "auto" else ("bf16" if use_gpu else "fp32")
+    return precision == "bf16", precision == "fp16"
+
+
+def deepspeed_config(spec: StageSpec) -> dict[str, Any]:
+    """A ZeRO-2/3 config with the job's micro batch, accumulation, clipping and precision."""
+    t = spec.training
+    bf16, fp16 = precision_flags(t, spec.use_gpu)
+    zero: dict[str, Any] = {
+        "stage": t.zero_stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+    }
+    if t.zero_stage == 3:
+        zero |= {"stage3_gather_16bit_weights_on_model_save": True}
+    return {
+        "train_micro_batch_size_per_gpu": t.per_device_batch,
+        "gradient_accumulation_steps": spec.gradient_accumulation,
+        "train_batch_size": t.global_batch,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": fp16},
+        "zero_optimization": zero,
+    }
+
+
+def language_model_linears(model: nn.Module) -> list[str]:
+    """Names of the language model's linear layers (LoRA targets for `all-linear`)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and ".language_model." in f".{name}."
+        and "lm_head" not in name
+    ]
+
+
+def add_lora(model: nn.Module, t: TrainingConfig) -> nn.Module:
+    """LoRA on the language model, projector trained in full, vision tower frozen (SPEC.md §2.3)."""
+    from peft import LoraConfig, get_peft_model
+
+    linears = language_model_linears(model)
+    if t.target_modules != "all-linear":
+        linears = [n for n in linears if n.rsplit(".", 1)[-1] in t.target_modules]
+    config = LoraConfig(
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=linears,
+        modules_to_save=["multi_modal_projector"] if t.train_projector else None,
+        task_type=None,
+    )
+    return get_peft_model(model, config)
+
+
+def build_optimizer(model: nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW with the projector in its own group at `projector_lr`."""
+    projector, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (projector if "multi_modal_projector" in name else rest).append(param)
+    groups = [{"params": rest, "lr": t.lr}]
+    if projector:
+        groups.append({"params": projector, "lr": t.effective_projector_lr})
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def load_model(spec: StageSpec):
+    from transformers import LlavaForConditionalGeneration
+
+    bf16, fp16 = precision_flags(spec.training, spec.use_gpu)
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(spec.init, dtype=dtype)
+    if spec.training.full_finetune:
+        return model
+    return add_lora(model, spec.training)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: train, checkpoint through Ray Train, save θ_t on rank 0."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from transformers import AutoProcessor
+
+    from llava_c_ray.train.data import InquiryRows, StageCollator, TaskDataset
+    from llava_c_ray.train.trainer import StageTrainer
+
+    spec: StageSpec = config["spec"]
+    rank = ray.train.get_context().get_world_rank()
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(spec.out / "tensorboard")
+    work = Path(tempfile.mkdtemp(prefix="llava-c-train-"))
+    args = training_arguments(spec, work / "trainer", rank)
+    processor = AutoProcessor.from_pretrained(spec.init)
+    model = load_model(spec)
+    inquiries = None
+    if spec.uir_weight > 0 and spec.inquiry is not None:
+        inquiries = InquiryRows(
+            spec.inquiry,
+            processor,
+            spec.template,
+            spec.inquiries_per_row,
+            spec.training.seed + rank,
+        )
+    trainer = StageTrainer(
+        model=model,
+        args=args,
+        train_dataset=TaskDataset(
+            spec.train_files, processor, spec.template, spec.training.max_length
+        ),
+        data_collator=StageCollator(processor.tokenizer.pad_token_id, inquiries, spec.uir_rows),
+        optimizers=(build_optimizer(model, spec.training), None),
+        callbacks=[RayTrainReportCallback()],
+        uir_weight=spec.uir_weight,
+    )
+    trainer = prepare_trainer(trainer)
+    resume = resume_dir(ray.train.get_checkpoint(), work)
+    trainer.train(resume_from_checkpoint=resume)
+    report_final(trainer, spec, processor, rank, work)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def resume_dir(checkpoint, work: Path) -> str | None:
+    """The Trainer checkpoint inside the latest Ray Train checkpoint, downloaded locally."""
+    if checkpoint is None:
+        return None
+    local = Path(checkpoint.to_directory(str(work / "resume")))
+    inner = local / "checkpoint"
+    if not inner.is_dir():
+        return None
+    step = int(json.loads((inner / "trainer_state.json").read_text())["global_step"])
+    print(f"[llava-c] resuming stage from checkpoint at step {step}", flush=True)
+    return str(inner)
+
+
+def report_final(trainer, spec: StageSpec, processor, rank: int, work: Path) -> None:
+    """Rank 0 saves the adapter and the merged θ_t; every rank reports, rank 0 with the checkpoint."""
+    import ray.train
+
+    step = trainer.state.global_step
+    metrics = {FINAL_MARKER: 1, "step": step}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    final = work / "final"
+    save_outputs(trainer.model, spec, processor, final)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+
+
+def save_outputs(model: nn.Module, spec: StageSpec, processor, final: Path) -> None:
+    """`adapter/` (peft format) and `model/` (merged, standard HF checkpoint) under `final`."""
+    from llava_c_ray.train.trainer import unwrap
+
+    model = unwrap(model)
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(final / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(final / "model", max_shard_size="2GB")
+    processor.save_pretrained(final / "model")
+    for extra in Path(spec.init).glob("*.json"):
+        if not (final / "model" / extra.name).exists():
+            shutil.copy2(extra, final / "model" / extra.name)
