@@ -1,0 +1,307 @@
+"""Consolidate a whole checkpoint: tensor by tensor, spread over Ray tasks, into a new HF checkpoint.
+
+W̃_t = W̃_{t-1} + U·diag(σ̃)·Vᵀ for every changed matrix (SAC), α·Δ for 1-D tensors and ModelMix,
+unchanged tensors copied byte for byte. Inputs are checked before any output is written; the output
+is built in a temporary sibling directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llava_c_ray.consolidate.lowrank import (
+    Factors,
+    consolidated_spectrum,
+    dense_factors,
+    lowrank_factors,
+    rebuild,
+)
+from llava_c_ray.consolidate.plan import Item, plan_adapter, plan_tuned
+from llava_c_ray.consolidate.spectral import BOUNDARIES, modelmix
+from llava_c_ray.errors import LlavaCError
+from llava_c_ray.model.safetensors_io import INDEX_NAME, LazyCheckpoint, ShardWriter
+
+METHODS = ("sac", "modelmix")
+GROUP_ELEMENTS = 1 << 24  # tensors are sent to Ray in groups of about this many elements
+SPECTRUM_KEEP = 32  # leading singular values kept in sac_stats.json for spectrum plots
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything a worker needs to consolidate its tensors (small and picklable)."""
+
+    base: Path
+    tuned: Path | None
+    adapter: Path | None
+    method: str
+    alpha: float
+    boundary: str
+    factors_cache: Path | None
+
+
+@dataclass
+class ConsolidationResult:
+    out: Path
+    stats: list[dict[str, Any]]
+    seconds: float
+
+
+def check_request(request: Request, out: Path, overwrite: bool) -> None:
+    if request.method not in METHODS:
+        raise LlavaCError(
+            f"unknown consolidation method {request.method!r}",
+            fix=f"use one of: {', '.join(METHODS)}",
+        )
+    if not 0 <= request.alpha <= 1:
+        raise LlavaCError(
+            f"alpha={request.alpha} is outside [0, 1]", fix="pass an α between 0 and 1"
+        )
+    if request.boundary not in BOUNDARIES:
+        raise LlavaCError(
+            f"unknown boundary {request.boundary!r}", fix=f"use one of: {', '.join(BOUNDARIES)}"
+        )
+    if (request.tuned is None) == (request.adapter is None):
+        raise LlavaCError("give exactly one of a tuned checkpoint or an adapter")
+    if not (request.base / "config.json").is_file():
+        raise LlavaCError("base checkpoint not found (no config.json)", path=request.base)
+    if out.exists() and not overwrite:
+        raise LlavaCError(
+            "output directory exists", path=out, fix="choose a new --out or pass --overwrite"
+        )
+
+
+def plan(request: Request) -> list[Item]:
+    base = LazyCheckpoint(request.base)
+    if request.tuned is not None:
+        return plan_tuned(base, LazyCheckpoint(request.tuned))
+    return plan_adapter(base, request.adapter)[0]
+
+
+def change_of(
+    item: Item, base: torch.Tensor, tuned: LazyCheckpoint | None, adapter: LazyCheckpoint | None
+):
+    """The tensor's Δ as (dense Δ or None, LoRA (B, A, s) or None); (None, None) when unchanged."""
+    if item.kind == "lora":
+        return None, (adapter.get(item.lora_b), adapter.get(item.lora_a), item.scale)
+    new = adapter.get(item.source_key) if item.kind == "replace" else tuned.get(item.name)
+    if torch.equal(new, base):
+        return None, None
+    return new.double() - base.double(), None
+
+
+def factors_for(item: Item, delta, lora, shape, cache: Path | None) -> Factors:
+    """SVD factors of Δ, from the α-independent cache when present (SPEC.md §2.2, last note)."""
+    cached = cache / f"{item.name}.safetensors" if cache else None
+    if cached is not None and cached.is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(str(cached))
+        return Factors(t["U"], t["S"], t["Vh"], shape)
+    factors = lowrank_factors(*lora, shape=shape) if lora is not None else dense_factors(delta)
+    if cached is not None:
+        from safetensors.torch import save_file
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"U": factors.U.contiguous(), "S": factors.S, "Vh": factors.Vh.contiguous()},
+            str(cached),
+        )
+    return factors
+
+
+def consolidate_tensor(
+    item: Item, base: torch.Tensor, delta, lora, request: Request
+) -> tuple[torch.Tensor, dict | None]:
+    """W̃ for one tensor and its stats (None for unchanged tensors)."""
+    if delta is None and lora is None:
+        return base, None
+    shape = tuple(base.shape)
+    if request.method == "modelmix" or base.dim() < 2:
+        if delta is None:
+            b, a, s = lora
+            delta = (
+                s * b.double().reshape(b.shape[0], -1) @ a.double().reshape(a.shape[0], -1)
+            ).reshape(shape)
+        new_delta, stats = (
+            modelmix(delta, request.alpha),
+            {"name": item.name, "shape": shape, "rule": "modelmix"},
+        )
+    else:
+        factors = factors_for(item, delta, lora, shape, request.factors_cache)
+        sigma_tilde, k = consolidated_spectrum(factors, request.alpha, request.boundary)
+        new_delta = rebuild(factors, sigma_tilde)
+        stats = spectrum_stats(item.name, factors, sigma_tilde, k)
+    return (base.double() + new_delta).to(base.dtype), stats
+
+
+def spectrum_stats(
+    name: str, factors: Factors, sigma_tilde: torch.Tensor, k: int
+) -> dict[str, Any]:
+    s = factors.S
+    sigma_1 = float(s[0]) if len(s) else 0.0
+    energy = float((sigma_tilde**2).sum() / (s**2).sum()) if sigma_1 > 0 else 0.0
+    return {
+        "name": name,
+        "shape": list(factors.shape),
+        "rule": "sac",
+        "rank": int((s > s.max() * 1e-10).sum()) if sigma_1 > 0 else 0,
+        "k": k,
+        "sigma_1": sigma_1,
+        "top_ratio": float(sigma_tilde[0] / s[0]) if sigma_1 > 0 else 0.0,
+        "energy_kept": energy,
+        "sigma": [float(v) for v in s[:SPECTRUM_KEEP]],
+        "sigma_tilde": [float(v) for v in sigma_tilde[:SPECTRUM_KEEP]],
+    }
+
+
+def consolidate_group(
+    request: Request, items: list[Item]
+) -> list[tuple[str, torch.Tensor, dict | None]]:
+    """Consolidate a group of tensors, reading each lazily (runs inside a Ray task)."""
+    base = LazyCheckpoint(request.base)
+    tuned = LazyCheckpoint(request.tuned) if request.tuned else None
+    adapter = (
+        LazyCheckpoint(request.adapter, "adapter_model.safetensors") if request.adapter else None
+    )
+    results = []
+    for item in items:
+        weight = base.get(item.name)
+        delta, lora = change_of(item, weight, tuned, adapter)
+        tensor, stats = consolidate_tensor(item, weight, delta, lora, request)
+        results.append((item.name, tensor, stats))
+    return results
+
+
+def group_items(items: list[Item], base: LazyCheckpoint) -> list[list[Item]]:
+    """Batches of about GROUP_ELEMENTS elements, so Ray's per-task overhead stays small."""
+    groups, current, size = [], [], 0
+    for item in items:
+        shape, _ = base.meta(item.name)
+        current.append(item)
+        size += int(torch.Size(shape).numel())
+        if size >= GROUP_ELEMENTS:
+            groups.append(current)
+            current, size = [], 0
+    return groups + ([current] if current else [])
+
+
+def consolidate_checkpoint(
+    base: Path,
+    out: Path,
+    *,
+    tuned: Path | None = None,
+    adapter: Path | None = None,
+    method: str = "sac",
+    alpha: float = 0.2,
+    boundary: str = "pad",
+    num_cpus: int | None = None,
+    overwrite: bool = False,
+    factors_cache: Path | None = None,
+    progress: bool = True,
+) -> ConsolidationResult:
+    """Consolidate `tuned` (or base + `adapter`) into `base` with SAC / ModelMix; write `out`."""
+    request = Request(
+        Path(base),
+        tuned and Path(tuned),
+        adapter and Path(adapter),
+        method,
+        alpha,
+        boundary,
+        factors_cache,
+    )
+    out = Path(out)
+    check_request(request, out, overwrite)
+    started = time.perf_counter()
+    items = plan(request)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        stats = write_consolidated(request, items, tmp, num_cpus, progress)
+        copy_side_files(request.base, tmp)
+        (tmp / "sac_stats.json").write_text(json.dumps(stats_summary(request, stats), indent=1))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConsolidationResult(out, stats, time.perf_counter() - started)
+
+
+def write_consolidated(
+    request: Request, items: list[Item], tmp: Path, num_cpus: int | None, progress: bool
+) -> list[dict]:
+    """Changed tensors go through Ray tasks; untouched base tensors are streamed straight across."""
+    import ray
+    from tqdm import tqdm
+
+    from llava_c_ray.ray_session import ensure_ray
+
+    ensure_ray()
+    base = LazyCheckpoint(request.base)
+    changed = {item.name for item in items}
+    writer = ShardWriter(tmp)
+    task = ray.remote(num_cpus=1, max_retries=3)(consolidate_group)
+    window = num_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
+    pending, stats = [], []
+    groups = group_items(items, base)
+    bar = tqdm(total=len(base.keys()), desc="consolidate", unit="tensor", disable=not progress)
+    for name in base.keys():
+        if name not in changed:
+            writer.add(name, base.get(name))
+            bar.update()
+    for group in groups:
+        pending.append(task.remote(request, group))
+        if len(pending) >= window:
+            pending = drain(pending, writer, stats, bar, ray, wait_for=1)
+    drain(pending, writer, stats, bar, ray, wait_for=len(pending))
+    writer.close()
+    bar.close()
+    return stats
+
+
+def drain(pending: list, writer: ShardWriter, stats: list, bar, ray, wait_for: int) -> list:
+    done, pending = ray.wait(pending, num_returns=wait_for)
+    for ref in done:
+        for name, tensor, stat in ray.get(ref):
+            writer.add(name, tensor)
+            if stat is not None:
+                stats.append(stat)
+            bar.update()
+    return pending
+
+
+def copy_side_files(base: Path, out: Path) -> None:
+    """Config, tokenizer, processor and template files: everything of the base that is not weights."""
+    for path in base.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and path.name != INDEX_NAME:
+            shutil.copy2(path, out / path.name)
+
+
+def stats_summary(request: Request, stats: list[dict]) -> dict[str, Any]:
+    return {
+        "method": request.method,
+        "alpha": request.alpha,
+        "boundary": request.boundary,
+        "base": str(request.base),
+        "source": str(request.tuned or request.adapter),
+        "tensors": sorted(stats, key=lambda s: s["name"]),
+    }
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished output into place; an old output (with --overwrite) goes only then."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
