@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["tests.fixtures_tiny"]
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

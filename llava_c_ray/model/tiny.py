@@ -45,8 +45,8 @@ CHAT_TEMPLATE = (
 class TinyDims:
     """Sizes of the tiny model; the defaults train on two CPU cores in minutes."""
 
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 96
+    patch_size: int = 24  # one image token per cell of the built-in world's 4×4 grid
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 4

@@ -54,7 +54,8 @@ def training_arguments(spec: StageSpec, output_dir: Path, rank: int):
         dataloader_num_workers=t.dataloader_workers,
         remove_unused_columns=False,
         disable_tqdm=rank != 0,
-        ddp_find_unused_parameters=False,
+        # Full training reaches vision layers past `vision_feature_layer`, which get no gradient.
+        ddp_find_unused_parameters=t.full_finetune,
     )
 
 

@@ -8,7 +8,8 @@ Layout of `OUT/benchmark.json` (all paths relative to OUT):
  "continual": [TASK, ...],   # five continual fine-tuning tasks, in order
  "inquiry": {"path": "inquiry.json"},                      # unlabeled text-only inquiries (UIR)
  "general_probe": {"val": ..., "test": ..., "image_folder": "images", "scoring": "f1"}}
-TASK = {"name", "train", "val", "test", "image_folder", "instruction", "scoring", "chance"}
+TASK = {"name", "train", "val", "test", "image_folder", "suffix", "scoring", "chance"}
+(`suffix` is the task instruction, already part of every question.)
 ```
 
 `chance` is the score of always giving the most frequent training answer (a majority baseline),
@@ -64,6 +65,7 @@ PROBE_DOMAINS = (
     domains.spatial,
 )
 SIZES = {
+    "test": {"general": 16, "continual": 24, "val": 4, "test": 8, "probe": 2, "inquiry": 16},
     "small": {"general": 400, "continual": 240, "val": 32, "test": 64, "probe": 20, "inquiry": 240},
     "full": {
         "general": 2000,
@@ -150,7 +152,7 @@ def write_task(
     test = draw_many(writer, rng, sizes["test"], spec.domain)
     val = draw_many(writer, rng, sizes["val"], spec.domain)
     train = draw_many(writer, rng, n_train, spec.domain, share)
-    entry = {"name": spec.name, "image_folder": "images", "instruction": spec.instruction}
+    entry = {"name": spec.name, "image_folder": "images", "suffix": spec.instruction}
     for split, samples in (("train", train), ("val", val), ("test", test)):
         entry[split] = writer.split(split, spec.name, samples)
     entry["scoring"] = spec.scoring

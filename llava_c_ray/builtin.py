@@ -1,0 +1,101 @@
+"""The embedded default: the built-in benchmark and a tiny LLaVA base model pre-trained on it.
+
+`ensure_builtin(root)` builds what is missing and reuses what exists (each part is written to a
+temporary directory and renamed into place, so an interrupted build is redone, never half-used):
+
+- `root/benchmark/`: the procedurally drawn benchmark (`llava-c data synth`);
+- `root/tiny/`:      a randomly initialised tiny LLaVA whose tokenizer is trained on the benchmark;
+- `root/base/`:      that model trained jointly on the six general domains with the Ray Train stage
+                     runner (all weights) — the "well-trained LLaVA" that continual fine-tuning starts from.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from llava_c_ray.config import job_from_dict
+
+BASE_RECIPE = {
+    "name": "builtin-base",
+    "method": {"name": "joint"},
+    "training": {
+        "full_finetune": True,
+        "lr": 2e-3,
+        "warmup_ratio": 0.05,
+        "schedule": "cosine",
+        "epochs": 4,
+        "per_device_batch": 16,
+        "global_batch": 32,
+        "checkpoint_every": 100,
+        "seed": 0,
+    },
+    "cluster": {"num_workers": 2},
+}
+
+
+@dataclass(frozen=True)
+class Builtin:
+    root: Path
+    benchmark: Path
+    tiny_model: Path
+    base_model: Path
+
+
+def ensure_builtin(root: Path, *, seed: int = 0, scale: str = "small") -> Builtin:
+    """Build (or reuse) the built-in benchmark, tiny model and pre-trained base under `root`."""
+    root = Path(root)
+    built = Builtin(root, root / "benchmark", root / "tiny", root / "base")
+    if not (built.benchmark / "benchmark.json").is_file():
+        from llava_c_ray.data.synthetic.benchmark import generate_benchmark
+
+        print(f"[llava-c] generating the built-in benchmark in {built.benchmark}", flush=True)
+        generate_benchmark(built.benchmark, seed=seed, scale=scale, overwrite=True)
+    if not (built.tiny_model / "config.json").is_file():
+        build_tiny(built.benchmark, built.tiny_model, seed)
+    if not (built.base_model / "config.json").is_file():
+        pretrain_base(built)
+    return built
+
+
+def build_tiny(benchmark: Path, out: Path, seed: int) -> Path:
+    from llava_c_ray.data.synthetic.benchmark import benchmark_texts
+    from llava_c_ray.data.template import SYSTEM
+    from llava_c_ray.model.tiny import build_tiny_llava
+
+    print(f"[llava-c] building the tiny LLaVA in {out}", flush=True)
+    # The template's fixed text is part of every prompt: the tokenizer learns it as few tokens.
+    texts = benchmark_texts(benchmark) + [f"{SYSTEM} USER: ASSISTANT:"] * 200
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_llava(tmp, texts, seed=seed)
+    tmp.rename(out)
+    return out
+
+
+def base_job(built: Builtin):
+    return job_from_dict(
+        {**BASE_RECIPE, "benchmark": {"path": str(built.benchmark), "setting": "general"}}
+    )
+
+
+def pretrain_base(built: Builtin) -> Path:
+    """Train every weight of the tiny model on the union of the six general domains."""
+    from llava_c_ray.train.spec import StageSpec
+    from llava_c_ray.train.stage import run_stage
+
+    print(
+        f"[llava-c] pre-training the tiny base model in {built.base_model} (a few minutes)",
+        flush=True,
+    )
+    job = base_job(built)
+    work = built.root / ".base-training"
+    shutil.rmtree(work, ignore_errors=True)
+    spec = StageSpec.from_job(
+        job, tasks=job.tasks, init=built.tiny_model, out=work, uir_weight=0.0, name="base"
+    )
+    result = run_stage(spec)
+    result.model_dir.rename(built.base_model)
+    shutil.rmtree(work, ignore_errors=True)
+    return built.base_model

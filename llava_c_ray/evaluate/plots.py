@@ -1,0 +1,108 @@
+"""PNG plots of a run: accuracy heatmap, per-task curves, general score, SAC spectra (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap(results: dict[str, Any], path: Path) -> Path:
+    matrix = [[float("nan") if v is None else v for v in row] for row in results["accuracy_matrix"]]
+    fig, ax = plt.subplots(figsize=(1.2 * len(results["tasks"]) + 2, 0.6 * len(matrix) + 1.5))
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(results["tasks"])), results["tasks"], rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), results["stages"])
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if value == value:
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.0f}",
+                    ha="center",
+                    va="center",
+                    color="white" if value < 60 else "black",
+                )
+    ax.set_xlabel("task")
+    ax.set_ylabel("after stage")
+    ax.set_title(f"accuracy — {results['method']}")
+    fig.colorbar(image, ax=ax)
+    return _save(fig, path)
+
+
+def task_curves(results: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    stages = range(len(results["accuracy_matrix"]))
+    for j, task in enumerate(results["tasks"]):
+        ax.plot(stages, [row[j] for row in results["accuracy_matrix"]], marker="o", label=task)
+    ax.set_xticks(list(stages), results["stages"], rotation=30, ha="right")
+    ax.set_ylabel("score")
+    ax.set_title(f"per-task score across stages — {results['method']}")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def general_curve(results: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(len(results["general"])), results["general"], marker="o", color="black")
+    ax.set_xticks(range(len(results["general"])), results["stages"], rotation=30, ha="right")
+    ax.set_ylabel("general probe score")
+    ax.set_title(f"general ability — {results['method']}")
+    return _save(fig, path)
+
+
+def spectra(stats_file: Path, path: Path, count: int = 4) -> Path | None:
+    """σ and σ̃ of the first few consolidated matrices (like the paper's Figure 5)."""
+    tensors = [t for t in json.loads(stats_file.read_text())["tensors"] if t.get("rule") == "sac"]
+    if not tensors:
+        return None
+    picked = tensors[:: max(1, len(tensors) // count)][:count]
+    fig, axes = plt.subplots(1, len(picked), figsize=(3.2 * len(picked), 3), squeeze=False)
+    for ax, t in zip(axes[0], picked, strict=True):
+        ax.semilogy(t["sigma"], label="σ (Δ)")
+        ax.semilogy(t["sigma_tilde"], label="σ̃ (SAC)")
+        ax.set_title(t["name"].split(".", 2)[-1][-32:], fontsize=8)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def alpha_curves(
+    alphas: list[float], scores: dict[str, list[float]], path: Path, title: str
+) -> Path:
+    """New-task, old-task and general validation scores against α (like the paper's Figure 4)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, values in scores.items():
+        ax.plot(alphas, values, marker="o", label=name)
+    ax.set_xlabel("α")
+    ax.set_ylabel("validation score")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def draw_run_plots(run_dir: Path, results: dict[str, Any]) -> list[Path]:
+    plots = run_dir / "plots"
+    drawn = [
+        heatmap(results, plots / "accuracy_heatmap.png"),
+        task_curves(results, plots / "task_curves.png"),
+        general_curve(results, plots / "general_curve.png"),
+    ]
+    for stats in sorted(run_dir.glob("stages/*/sac_stats.json")):
+        spectrum = spectra(stats, plots / f"spectra_{stats.parent.name}.png")
+        if spectrum:
+            drawn.append(spectrum)
+    return drawn
