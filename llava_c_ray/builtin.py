@@ -25,7 +25,7 @@ BASE_RECIPE = {
         "lr": 2e-3,
         "warmup_ratio": 0.05,
         "schedule": "cosine",
-        "epochs": 4,
+        "epochs": 8,
         "per_device_batch": 16,
         "global_batch": 32,
         "checkpoint_every": 100,

@@ -18,7 +18,7 @@ COLORS = {
     "orange": (240, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-GRID = 4  # objects sit on a 4×4 grid of cells, so boxes take few distinct values
+GRID = 2  # objects sit on a 2×2 grid of cells: each covers 4 of the 16 image tokens
 CELL = IMAGE_SIZE // GRID
 
 
@@ -84,7 +84,7 @@ def draw_shape(
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def cell_box(row: int, col: int, margin: int = 3) -> tuple[int, int, int, int]:
+def cell_box(row: int, col: int, margin: int = 6) -> tuple[int, int, int, int]:
     return (
         col * CELL + margin,
         row * CELL + margin,
@@ -105,6 +105,21 @@ def draw_things(things: list[Thing], background=(255, 255, 255)) -> Image.Image:
     image, draw = canvas(background)
     for thing in things:
         draw_shape(draw, thing.shape, thing.color, cell_box(thing.row, thing.col))
+    return image
+
+
+CENTER_BOX = (14, 14, IMAGE_SIZE - 14, IMAGE_SIZE - 14)
+LEFT_BOX = (4, 26, 44, 66)
+RIGHT_BOX = (52, 26, 92, 66)
+
+
+def draw_boxes(
+    items: list[tuple[str, str, tuple[int, int, int, int]]], background=(255, 255, 255)
+) -> Image.Image:
+    """Shapes at fixed boxes: (shape, colour, box) each."""
+    image, draw = canvas(background)
+    for shape, color, box in items:
+        draw_shape(draw, shape, color, box)
     return image
 
 
