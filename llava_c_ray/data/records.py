@@ -65,12 +65,13 @@ def read_records(path: Path) -> list[Any]:
         raise LlavaCError(
             f"not UTF-8 (byte {exc.start})", path=path, fix="re-encode the file as UTF-8"
         ) from None
-    stripped = text.lstrip()
-    if path.suffix == ".jsonl" or (stripped and not stripped.startswith("[")):
+    if path.suffix == ".jsonl":
         return _read_jsonl(text, path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if not text.lstrip().startswith("["):
+            return _read_jsonl(text, path)  # several JSON objects, one per line
         raise LlavaCError(
             f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", path=path
         ) from None

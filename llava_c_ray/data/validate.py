@@ -121,16 +121,16 @@ def shape_problem(entry: Any) -> str | None:
 
 def turn_problems(turns: list[dict], require_answers: bool) -> list[tuple[str, str]]:
     problems = []
-    for i, turn in enumerate(turns):
-        if turn["from"] != ROLES[i % 2]:
-            problems.append(
-                (
-                    "turn_order",
-                    f"turn {i} is from {turn['from']!r}; turns must alternate human, gpt, ...",
-                )
+    order = [t["from"] for t in turns]
+    wrong = next((i for i, role in enumerate(order) if role != ROLES[i % 2]), None)
+    if wrong is not None:
+        problems.append(
+            (
+                "turn_order",
+                f"turn {wrong} is from {order[wrong]!r}; turns must alternate human, gpt, ...",
             )
-            break
-    if require_answers and turns[-1]["from"] != "gpt":
+        )
+    elif require_answers and order[-1] != "gpt":
         problems.append(("turn_order", "the conversation must end with a gpt answer"))
     empty = [i for i, t in enumerate(turns) if not t["value"].replace(IMAGE_TOKEN, "").strip()]
     if empty:

@@ -51,6 +51,6 @@ def test_alpha_one_keeps_rank_one_delta() -> None:
 
 def test_scale_is_applied() -> None:
     b, a = torch.randn(5, 2), torch.randn(2, 4)
-    assert pytest.approx(
-        (3.0 * lowrank_factors(b, a, 1.0).S).tolist()
-    ) == lowrank_factors(b, a, 3.0).S
+    assert (
+        pytest.approx((3.0 * lowrank_factors(b, a, 1.0).S).tolist()) == lowrank_factors(b, a, 3.0).S
+    )

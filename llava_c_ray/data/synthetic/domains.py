@@ -78,7 +78,7 @@ def captions(rng: random.Random, style: str) -> Sample:
                 "Tell me what the image shows.",
             )
         )
-    image = draw.draw_boxes([(shape, color, draw.CENTER_BOX)])
+    image = draw.draw_boxes([(shape, color, draw.CENTER_BOX)], rng)
     return Sample(image, prompt, f"A {color} {shape} on a white background.")
 
 
@@ -112,7 +112,7 @@ def spatial(rng: random.Random, style: str) -> Sample:
     """Two shapes side by side; questions about the left or the right one."""
     left = (rng.choice(SHAPES), rng.choice(list(COLORS)))
     right = (rng.choice(SHAPES), rng.choice(list(COLORS)))
-    image = draw.draw_boxes([(*left, draw.LEFT_BOX), (*right, draw.RIGHT_BOX)])
+    image = draw.draw_boxes([(*left, draw.LEFT_BOX), (*right, draw.RIGHT_BOX)], rng)
     side, (shape, color) = rng.choice((("left", left), ("right", right)))
     if style == "sentence":
         return Sample(
@@ -127,7 +127,7 @@ def grounding(rng: random.Random, style: str) -> Sample:
     """One shape in one of four quadrants; the answer is the quadrant's box."""
     (target,) = draw.scatter_things(rng, 1)
     box = "[" + ", ".join(f"{v:.2f}" for v in target.box) + "]"
-    return Sample(draw.draw_things([target]), f"{GROUNDING_PROMPT} the {target.name}.", box)
+    return Sample(draw.draw_things([target], rng), f"{GROUNDING_PROMPT} the {target.name}.", box)
 
 
 # --- continual fine-tuning tasks (new visual domains) -----------------------------------------
@@ -139,7 +139,9 @@ def icon_count(rng: random.Random, style: str) -> Sample:
     image, canvas = draw.canvas((250, 240, 220))
     color = rng.choice(list(COLORS))
     for row, col in rng.sample([(r, c) for r in range(draw.GRID) for c in range(draw.GRID)], count):
-        draw.draw_shape(canvas, "star", color, draw.cell_box(row, col, margin=2))
+        draw.draw_shape(
+            canvas, "star", color, draw.jitter(draw.cell_box(row, col, margin=4), rng, 3)
+        )
     options = ["1", "2", "3", "4"]
     question = f"How many stars are there?\n{options_text(options)}\n{LETTER_SUFFIX}"
     return Sample(image, question, letter(options, str(count)))
@@ -151,7 +153,7 @@ NEW_SHAPES = ("diamond", "cross", "ring")
 def attributes(rng: random.Random, style: str) -> Sample:
     """Super-CLEVR-like: one new shape on a dark floor; ask its colour or its shape."""
     shape, color = rng.choice(NEW_SHAPES), rng.choice(list(COLORS))
-    image = draw.draw_boxes([(shape, color, draw.CENTER_BOX)], background=(60, 60, 70))
+    image = draw.draw_boxes([(shape, color, draw.CENTER_BOX)], rng, background=(60, 60, 70))
     if rng.random() < 0.5:
         return Sample(image, f"What color is the object?\n{WORD_SUFFIX}", color)
     return Sample(image, f"What shape is the object?\n{WORD_SUFFIX}", shape)
@@ -164,7 +166,7 @@ def count_math(rng: random.Random, style: str) -> Sample:
     )
     color = rng.choice([t.color for t in things])
     left = sum(t.color != color for t in things)
-    image = draw.draw_things(things, background=(60, 60, 70))
+    image = draw.draw_things(things, rng, background=(60, 60, 70))
     return Sample(
         image, f"Subtract all {color} objects. How many objects are left?\n{WORD_SUFFIX}", str(left)
     )

@@ -101,10 +101,19 @@ def scatter_things(
     return [Thing(rng.choice(shapes), rng.choice(colors), r, c) for r, c in cells]
 
 
-def draw_things(things: list[Thing], background=(255, 255, 255)) -> Image.Image:
+def jitter(
+    box: tuple[int, int, int, int], rng: random.Random, amount: int = 4
+) -> tuple[int, int, int, int]:
+    """Shift and resize a box by a few pixels, so no two drawings of the same content are identical."""
+    dx, dy, grow = (rng.randint(-amount, amount) for _ in range(3))
+    x1, y1, x2, y2 = box
+    return (x1 + dx - grow // 2, y1 + dy - grow // 2, x2 + dx + grow // 2, y2 + dy + grow // 2)
+
+
+def draw_things(things: list[Thing], rng: random.Random, background=(255, 255, 255)) -> Image.Image:
     image, draw = canvas(background)
     for thing in things:
-        draw_shape(draw, thing.shape, thing.color, cell_box(thing.row, thing.col))
+        draw_shape(draw, thing.shape, thing.color, jitter(cell_box(thing.row, thing.col), rng))
     return image
 
 
@@ -114,12 +123,14 @@ RIGHT_BOX = (52, 26, 92, 66)
 
 
 def draw_boxes(
-    items: list[tuple[str, str, tuple[int, int, int, int]]], background=(255, 255, 255)
+    items: list[tuple[str, str, tuple[int, int, int, int]]],
+    rng: random.Random,
+    background=(255, 255, 255),
 ) -> Image.Image:
-    """Shapes at fixed boxes: (shape, colour, box) each."""
+    """Shapes at (jittered) fixed boxes: (shape, colour, box) each."""
     image, draw = canvas(background)
     for shape, color, box in items:
-        draw_shape(draw, shape, color, box)
+        draw_shape(draw, shape, color, jitter(box, rng))
     return image
 
 
@@ -131,13 +142,13 @@ def draw_word(word: str, rng: random.Random, *, sign: str | None = None) -> Imag
     """A word in black; on a coloured sign with a few shapes around it when `sign` is a colour."""
     if sign is None:
         image, draw = canvas()
-        draw.text(
-            (IMAGE_SIZE // 2, IMAGE_SIZE // 2), word, fill=(0, 0, 0), font=font(26), anchor="mm"
-        )
+        x, y = (IMAGE_SIZE // 2 + rng.randint(-8, 8) for _ in range(2))
+        draw.text((x, y), word, fill=(0, 0, 0), font=font(rng.randint(22, 30)), anchor="mm")
         return image
     image, draw = canvas()
     draw.rectangle((6, 28, IMAGE_SIZE - 6, 68), fill=COLORS[sign])
-    draw.text((IMAGE_SIZE // 2, 48), word, fill=(255, 255, 255), font=font(22), anchor="mm")
+    x = IMAGE_SIZE // 2 + rng.randint(-6, 6)
+    draw.text((x, 48), word, fill=(255, 255, 255), font=font(rng.randint(20, 24)), anchor="mm")
     for col in rng.sample(range(GRID), 2):
         draw_shape(
             draw,
