@@ -37,11 +37,12 @@ NUMBER_WORDS = {
 }
 ARTICLES = {"a", "an", "the"}
 PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
-LETTER_PATTERNS = (
-    re.compile(r"^\(?([A-Z])\)?(?:[.):]|\s|$)"),
+LETTER_PATTERNS = (  # most explicit first; "A red circle" or "I think" do not commit to A / I
     re.compile(r"answer is:?\s*\(?([A-Z])\b"),
+    re.compile(r"^\(?([A-Z])\)?[.):]?$"),
+    re.compile(r"^\(?([A-Z])[.):]\s"),
     re.compile(r"\(([A-Z])\)"),
-    re.compile(r"\b([A-Z])\.?\s*$"),
+    re.compile(r"\s([A-Z])[.)]?$"),
 )
 NUMBER = r"[-+]?\d*\.?\d+"
 BOX = re.compile(rf"\[\s*({NUMBER})\s*,\s*({NUMBER})\s*,\s*({NUMBER})\s*,\s*({NUMBER})\s*\]")

@@ -175,31 +175,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         uir_weight=spec.uir_weight,
     )
     trainer = prepare_trainer(trainer)
-    resume = resume_dir(ray.train.get_checkpoint(), work)
+    resume, resumed_from = resume_dir(ray.train.get_checkpoint(), work)
     trainer.train(resume_from_checkpoint=resume)
-    report_final(trainer, spec, processor, rank, work)
+    report_final(trainer, spec, processor, rank, work, resumed_from)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def resume_dir(checkpoint, work: Path) -> str | None:
-    """The Trainer checkpoint inside the latest Ray Train checkpoint, downloaded locally."""
+def resume_dir(checkpoint, work: Path) -> tuple[str | None, int]:
+    """The Trainer checkpoint inside the latest Ray Train checkpoint (downloaded) and its step."""
     if checkpoint is None:
-        return None
+        return None, 0
     local = Path(checkpoint.to_directory(str(work / "resume")))
     inner = local / "checkpoint"
     if not inner.is_dir():
-        return None
+        return None, 0
     step = int(json.loads((inner / "trainer_state.json").read_text())["global_step"])
     print(f"[llava-c] resuming stage from checkpoint at step {step}", flush=True)
-    return str(inner)
+    return str(inner), step
 
 
-def report_final(trainer, spec: StageSpec, processor, rank: int, work: Path) -> None:
+def report_final(
+    trainer, spec: StageSpec, processor, rank: int, work: Path, resumed_from: int
+) -> None:
     """Rank 0 saves the adapter and the merged θ_t; every rank reports, rank 0 with the checkpoint."""
     import ray.train
 
-    step = trainer.state.global_step
-    metrics = {FINAL_MARKER: 1, "step": step}
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    metrics = {
+        FINAL_MARKER: 1,
+        "step": trainer.state.global_step,
+        "resumed_from": resumed_from,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return

@@ -1,0 +1,169 @@
+"""One stage on Ray Train with 2 CPU workers: loss falls, θ_t = base + adapter delta, UIR applied, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_c_ray.config import job_from_dict
+from llava_c_ray.errors import LlavaCError
+from llava_c_ray.train.spec import StageSpec
+from llava_c_ray.train.stage import run_stage
+
+pytestmark = pytest.mark.integration
+
+
+def stage_job(benchmark: Path, **training):
+    settings = {
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lr": 5e-3,
+        "projector_lr": 5e-3,
+        "per_device_batch": 4,
+        "global_batch": 8,
+        "max_steps": 6,
+        "checkpoint_every": 3,
+        "warmup_ratio": 0.0,
+        **training,
+    }
+    return job_from_dict(
+        {"benchmark": {"path": str(benchmark)}, "training": settings, "cluster": {"num_workers": 2}}
+    )
+
+
+def spec_for(
+    job, init: Path, out: Path, uir_weight: float = 1.0, task: str = "icon_count"
+) -> StageSpec:
+    return StageSpec.from_job(
+        job, tasks=[job.task(task)], init=init, out=out, uir_weight=uir_weight
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tiny_benchmark: Path, tiny_checkpoint: Path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage") / "out"
+    return run_stage(spec_for(stage_job(tiny_benchmark, max_steps=12), tiny_checkpoint, out))
+
+
+def test_loss_falls_and_outputs_load(trained) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    assert trained.steps == 12
+    assert trained.metrics["last_loss"] < trained.metrics["first_loss"]
+    LlavaForConditionalGeneration.from_pretrained(trained.model_dir)
+    AutoProcessor.from_pretrained(trained.model_dir)
+    assert (trained.adapter_dir / "adapter_config.json").is_file()
+    assert list((trained.model_dir.parent / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_merged_weights_equal_peft_merge(trained, tiny_checkpoint: Path) -> None:
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    expected = PeftModel.from_pretrained(base, trained.adapter_dir).merge_and_unload().state_dict()
+    merged = LlavaForConditionalGeneration.from_pretrained(trained.model_dir).state_dict()
+    assert expected.keys() == merged.keys()
+    changed = 0
+    for name, tensor in expected.items():
+        assert torch.allclose(merged[name], tensor, atol=1e-6), name
+        changed += (
+            not torch.equal(tensor, base.state_dict()[name]) if name in base.state_dict() else 0
+        )
+    original = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint).state_dict()
+    assert any(not torch.equal(merged[n], original[n]) for n in original if "q_proj" in n)
+    assert all(torch.equal(merged[n], original[n]) for n in original if "vision_tower" in n)
+
+
+def inquiry_drift(model_dir: Path, init: Path, benchmark: Path) -> float:
+    """Mean squared final-hidden-state change on inquiries (the UIR quantity) vs the start model."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_c_ray.data.records import load_records
+    from llava_c_ray.data.template import prompt_text
+
+    processor = AutoProcessor.from_pretrained(init)
+    questions = [
+        r.question for r in load_records(benchmark / "inquiry.json", require_answers=False)[-8:]
+    ]
+    batch = processor.tokenizer(
+        [prompt_text(q) for q in questions], return_tensors="pt", padding=True
+    )
+    states = []
+    for path in (init, model_dir):
+        model = LlavaForConditionalGeneration.from_pretrained(path)
+        with torch.no_grad():
+            states.append(model(**batch, output_hidden_states=True).hidden_states[-1])
+    mask = batch["attention_mask"].unsqueeze(-1)
+    return float((((states[1] - states[0]) ** 2) * mask).sum() / (mask.sum() * states[0].shape[-1]))
+
+
+def test_uir_keeps_inquiry_states_closer(
+    ray_cluster, trained, tiny_benchmark, tiny_checkpoint, tmp_path
+) -> None:
+    job = stage_job(tiny_benchmark, max_steps=12)
+    without = run_stage(spec_for(job, tiny_checkpoint, tmp_path / "no_uir", uir_weight=0.0))
+    with_uir = run_stage(spec_for(job, tiny_checkpoint, tmp_path / "uir", uir_weight=50.0))
+    drift_off = inquiry_drift(without.model_dir, tiny_checkpoint, tiny_benchmark)
+    drift_on = inquiry_drift(with_uir.model_dir, tiny_checkpoint, tiny_benchmark)
+    print(f"inquiry hidden-state drift: UIR off {drift_off:.3e}, UIR on {drift_on:.3e}")
+    assert drift_on < 0.7 * drift_off
+
+
+def test_worker_killed_mid_stage_resumes_from_checkpoint(
+    ray_cluster, tiny_benchmark, tiny_checkpoint, tmp_path
+) -> None:
+    import psutil
+
+    out = tmp_path / "fault"
+    job = stage_job(tiny_benchmark, max_steps=80, checkpoint_every=4, per_device_batch=4)
+    killed: list[int] = []
+
+    def kill_a_worker_after_first_checkpoint() -> None:
+        deadline = time.time() + 240
+        # The controller registers reported checkpoints when it next polls the workers (~1 s):
+        # wait for a checkpoint on disk, then long enough for it to be registered.
+        while time.time() < deadline and not list(out.glob("ray_train/*/checkpoint_*")):
+            time.sleep(0.2)
+        time.sleep(3)
+        for proc in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint)
+    killer.start()
+    result = run_stage(spec_for(job, tiny_checkpoint, out))
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    assert result.steps == 80
+    assert result.metrics["resumed_from"] > 0
+    from transformers import LlavaForConditionalGeneration
+
+    LlavaForConditionalGeneration.from_pretrained(result.model_dir)
+
+
+def test_bad_inputs_fail_before_training(
+    ray_cluster, tiny_benchmark, tiny_checkpoint, tmp_path
+) -> None:
+    job = stage_job(tiny_benchmark)
+    with pytest.raises(LlavaCError, match="start checkpoint"):
+        run_stage(spec_for(job, tmp_path / "absent", tmp_path / "o1"))
+    with pytest.raises(LlavaCError, match="not in this job"):
+        job.task("nope")
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        '[{"id": "x", "conversations": [{"from": "human", "value": "<image>\\nq"}, {"from": "gpt", "value": "a"}]}]'
+    )
+    broken = job.model_copy(update={"tasks": [job.tasks[0].model_copy(update={"train": bad})]})
+    with pytest.raises(LlavaCError, match="image_token"):
+        run_stage(spec_for(broken, tiny_checkpoint, tmp_path / "o2", task=job.tasks[0].name))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
