@@ -45,7 +45,7 @@ class Builtin:
 
 def ensure_builtin(root: Path, *, seed: int = 0, scale: str = "small") -> Builtin:
     """Build (or reuse) the built-in benchmark, tiny model and pre-trained base under `root`."""
-    root = Path(root)
+    root = Path(root).absolute()
     built = Builtin(root, root / "benchmark", root / "tiny", root / "base")
     if not (built.benchmark / "benchmark.json").is_file():
         from llava_c_ray.data.synthetic.benchmark import generate_benchmark

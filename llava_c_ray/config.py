@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,13 @@ class Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, use_attribute_docstrings=True
     )
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _absolute_paths(cls, value: Any) -> Any:
+        """Data paths are taken from the current directory and kept absolute: Ray workers run
+        elsewhere."""
+        return value.expanduser().absolute() if isinstance(value, Path) else value
 
 
 class ModelConfig(Section):
@@ -247,6 +255,15 @@ class JobConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not re.fullmatch(TASK_NAME_PATTERN, name):
+            raise ValueError(
+                "use letters, digits, '_', '-' and '.' only (it names the run directory)"
+            )
+        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

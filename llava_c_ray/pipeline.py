@@ -36,7 +36,7 @@ class Pipeline:
 
 
 def default_run_dir(job: JobConfig) -> Path:
-    return Path(job.storage.path) / job.name
+    return (Path(job.storage.path) / job.name).absolute()
 
 
 def run_job(
@@ -44,7 +44,9 @@ def run_job(
 ) -> dict[str, Any]:
     """Run (or resume) the whole task sequence of `job`; returns the results written to results.json."""
     method = get_method(job.method.name)
-    run = open_run_dir(run_dir or default_run_dir(job), job, force_new=force_new)
+    run = open_run_dir(
+        Path(run_dir).absolute() if run_dir else default_run_dir(job), job, force_new=force_new
+    )
     initial = resolve_initial_model(job)
     ensure_ray()
     pipe = Pipeline(job, method, run, initial)
@@ -65,7 +67,7 @@ def resolve_initial_model(job: JobConfig) -> Path:
         from llava_c_ray.builtin import ensure_builtin
 
         return ensure_builtin(Path(job.storage.path) / "builtin").base_model
-    path = Path(job.model.path)
+    path = Path(job.model.path).expanduser().absolute()
     if not (path / "config.json").is_file():
         raise LlavaCError(
             "model.path is not a Hugging Face checkpoint directory (no config.json)",

@@ -155,3 +155,18 @@ def test_config_show_cli(job_file: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert shown["training"]["lr"] == 3e-4
     assert main(["config", "show", str(job_file), "consolidation.alpha=1.5"]) == 2
     assert "consolidation.alpha" in capsys.readouterr().err
+
+
+def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.json").write_text("[]")
+    job = job_from_dict({"tasks": [{"name": "a", "train": "train.json", "test": "train.json"}]})
+    assert job.tasks[0].train == tmp_path / "train.json"
+
+
+def test_job_name_must_be_a_plain_directory_name() -> None:
+    with pytest.raises(LlavaCError, match="name"):
+        job_from_dict(
+            {"name": "../up", "tasks": [{"name": "a", "train": "x", "test": "y"}]},
+            check_files=False,
+        )

@@ -55,8 +55,8 @@ class StageSpec:
             )
         return cls(
             name=name or "+".join(t.name for t in tasks),
-            init=init,
-            out=out,
+            init=Path(init).absolute(),
+            out=Path(out).absolute(),
             train_files=tuple(TrainFile(t.train, t.image_folder, t.instruction) for t in tasks),
             training=job.training,
             template=job.model.template,
