@@ -20,7 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava_c_ray.consolidate.engine import consolidate_checkpoint
-from llava_c_ray.consolidate.lowrank import consolidated_spectrum, dense_factors, lowrank_factors, rebuild
+from llava_c_ray.consolidate.lowrank import (
+    consolidated_spectrum,
+    dense_factors,
+    lowrank_factors,
+    rebuild,
+)
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -30,16 +35,29 @@ def timed(fn, repeat: int = 1) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def sac_lowrank(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    factors = lowrank_factors(b, a, 2.0)
+    return rebuild(factors, consolidated_spectrum(factors, 0.2, "pad")[0])
+
+
+def sac_dense(delta: torch.Tensor) -> torch.Tensor:
+    factors = dense_factors(delta)
+    return rebuild(factors, consolidated_spectrum(factors, 0.2, "pad")[0])
+
+
 def lowrank_vs_dense(shapes: list[tuple[int, int]], rank: int = 128) -> None:
     for m, n in shapes:
         b, a = torch.randn(m, rank) / rank**0.5, torch.randn(rank, n) / n**0.5
-        low = timed(lambda: rebuild(f := lowrank_factors(b, a, 2.0), consolidated_spectrum(f, 0.2, "pad")[0]), 3)
-        delta = 2.0 * b @ a
-        dense = timed(lambda: rebuild(f := dense_factors(delta), consolidated_spectrum(f, 0.2, "pad")[0]))
-        print(f"{m}x{n} r={rank}: low-rank {low * 1e3:.1f} ms, dense {dense:.2f} s, ratio {dense / low:.0f}x")
+        low = timed(lambda b=b, a=a: sac_lowrank(b, a), 3)
+        dense = timed(lambda b=b, a=a: sac_dense(2.0 * b @ a))
+        print(
+            f"{m}x{n} r={rank}: low-rank {low * 1e3:.1f} ms, dense {dense:.2f} s, ratio {dense / low:.0f}x"
+        )
 
 
-def synthetic_checkpoint(root: Path, gigabytes: float, rank: int = 64, width: int = 2048) -> tuple[Path, Path]:
+def synthetic_checkpoint(
+    root: Path, gigabytes: float, rank: int = 64, width: int = 2048
+) -> tuple[Path, Path]:
     """A base checkpoint of `gigabytes` (fp32 width×width matrices, several shards) and a LoRA adapter on all."""
     base, adapter = root / "base", root / "adapter"
     base.mkdir()
@@ -50,15 +68,21 @@ def synthetic_checkpoint(root: Path, gigabytes: float, rank: int = 64, width: in
     for i in range(count):
         name = f"language_model.model.layers.{i}.mlp.up_proj.weight"
         shard[name] = torch.randn(width, width)
-        lora[f"base_model.model.model.language_model.layers.{i}.mlp.up_proj.lora_A.weight"] = torch.randn(rank, width) * 0.01
-        lora[f"base_model.model.model.language_model.layers.{i}.mlp.up_proj.lora_B.weight"] = torch.randn(width, rank) * 0.01
+        lora[f"base_model.model.model.language_model.layers.{i}.mlp.up_proj.lora_A.weight"] = (
+            torch.randn(rank, width) * 0.01
+        )
+        lora[f"base_model.model.model.language_model.layers.{i}.mlp.up_proj.lora_B.weight"] = (
+            torch.randn(width, rank) * 0.01
+        )
         if len(shard) == 16 or i == count - 1:
             shard_id += 1
             filename = f"model-{shard_id:05d}.safetensors"
             save_file(shard, str(base / filename), metadata={"format": "pt"})
             weight_map |= dict.fromkeys(shard, filename)
             shard = {}
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     (base / "config.json").write_text("{}")
     save_file(lora, str(adapter / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}
@@ -78,8 +102,12 @@ def whole_checkpoint(gigabytes: float) -> None:
         base, adapter = synthetic_checkpoint(root, gigabytes)
         size = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 2**30
         copy = timed(lambda: plain_copy(base, root / "copy"))
-        sac = timed(lambda: consolidate_checkpoint(base, root / "sac", adapter=adapter, progress=False))
-        print(f"whole checkpoint ({size:.2f} GiB, LoRA r=64): copy {copy:.1f} s, SAC {sac:.1f} s, ratio {sac / copy:.2f}x")
+        sac = timed(
+            lambda: consolidate_checkpoint(base, root / "sac", adapter=adapter, progress=False)
+        )
+        print(
+            f"whole checkpoint ({size:.2f} GiB, LoRA r=64): copy {copy:.1f} s, SAC {sac:.1f} s, ratio {sac / copy:.2f}x"
+        )
 
 
 def dense_scaling() -> None:
@@ -94,21 +122,35 @@ def dense_scaling() -> None:
         names = [f"layers.{i}.weight" for i in range(8)]
         weights = {n: torch.randn(1024, 1024) for n in names}
         save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
-        save_file({n: w + 0.01 * torch.randn_like(w) for n, w in weights.items()}, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {n: w + 0.01 * torch.randn_like(w) for n, w in weights.items()},
+            str(tuned / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (base / "config.json").write_text("{}")
         times = {}
         for workers in (1, 2):
             out = root / f"out{workers}"
-            times[workers] = timed(lambda out=out, w=workers: consolidate_checkpoint(base, out, tuned=tuned, num_cpus=w, progress=False))
+            times[workers] = timed(
+                lambda out=out, w=workers: consolidate_checkpoint(
+                    base, out, tuned=tuned, num_cpus=w, progress=False
+                )
+            )
             shutil.rmtree(out)
-        print(f"dense path, 8 × 1024² deltas: 1 worker {times[1]:.1f} s, 2 workers {times[2]:.1f} s, speed-up {times[1] / times[2]:.2f}x")
+        print(
+            f"dense path, 8 × 1024² deltas: 1 worker {times[1]:.1f} s, 2 workers {times[2]:.1f} s, speed-up {times[1] / times[2]:.2f}x"
+        )
     ray.shutdown()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint-gb", type=float, default=1.0)
-    parser.add_argument("--skip-dense-11008", action="store_true", help="the 11008×4096 dense SVD takes minutes")
+    parser.add_argument(
+        "--skip-dense-11008", action="store_true", help="the 11008×4096 dense SVD takes minutes"
+    )
     args = parser.parse_args()
     shapes = [(4096, 4096)] + ([] if args.skip_dense_11008 else [(11008, 4096)])
     lowrank_vs_dense(shapes)
