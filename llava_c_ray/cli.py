@@ -113,6 +113,16 @@ def data_validate(args: argparse.Namespace) -> int:
     return 1 if report_.problems else 0
 
 
+def data_prepare(args: argparse.Namespace) -> int:
+    from llava_c_ray.data.shards import prepare_shards
+
+    out = prepare_shards(
+        args.file, args.image_folder, args.out, mode=args.mode, overwrite=args.overwrite
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def data_synth(args: argparse.Namespace) -> int:
     from llava_c_ray.data.synthetic.benchmark import generate_benchmark
 
@@ -207,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", type=Path)
     p.add_argument("--skipped-out", type=Path, help="write the invalid ids and reasons here (JSON)")
     p.set_defaults(handler=data_validate)
+    p = data_commands.add_parser(
+        "prepare", help="validated records + image bytes as Parquet shards"
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--image-folder", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--mode", choices=("strict", "skip"), default="strict")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=data_prepare)
     p = data_commands.add_parser("synth", help="generate the built-in benchmark")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)

@@ -29,7 +29,7 @@ from llava_c_ray.errors import LlavaCError
 from llava_c_ray.model.safetensors_io import INDEX_NAME, LazyCheckpoint, ShardWriter
 
 METHODS = ("sac", "modelmix")
-GROUP_ELEMENTS = 1 << 24  # tensors are sent to Ray in groups of about this many elements
+GROUP_ELEMENTS = 1 << 22  # tensors are sent to Ray in groups of about this many elements
 SPECTRUM_KEEP = 32  # leading singular values kept in sac_stats.json for spectrum plots
 
 
@@ -205,6 +205,7 @@ def consolidate_checkpoint(
     overwrite: bool = False,
     factors_cache: Path | None = None,
     progress: bool = True,
+    max_shard_bytes: int = 1 << 30,
 ) -> ConsolidationResult:
     """Consolidate `tuned` (or base + `adapter`) into `base` with SAC / ModelMix; write `out`."""
     request = Request(
@@ -224,7 +225,8 @@ def consolidate_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        stats = write_consolidated(request, items, tmp, num_cpus, progress)
+        writer = ShardWriter(tmp, max_shard_bytes)
+        stats = write_consolidated(request, items, writer, num_cpus, progress)
         copy_side_files(request.base, tmp)
         (tmp / "sac_stats.json").write_text(json.dumps(stats_summary(request, stats), indent=1))
         replace_dir(tmp, out)
@@ -235,7 +237,7 @@ def consolidate_checkpoint(
 
 
 def write_consolidated(
-    request: Request, items: list[Item], tmp: Path, num_cpus: int | None, progress: bool
+    request: Request, items: list[Item], writer: ShardWriter, num_cpus: int | None, progress: bool
 ) -> list[dict]:
     """Changed tensors go through Ray tasks; untouched base tensors are streamed straight across."""
     import ray
@@ -246,7 +248,6 @@ def write_consolidated(
     ensure_ray()
     base = LazyCheckpoint(request.base)
     changed = {item.name for item in items}
-    writer = ShardWriter(tmp)
     task = ray.remote(num_cpus=1, max_retries=3)(consolidate_group)
     window = num_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
     pending, stats = [], []

@@ -1,0 +1,122 @@
+"""Parquet shards of validated LLaVA records that carry their image bytes.
+
+Workers on other nodes then need no shared image folder. `prepare_shards` writes
+`part-NNNNN.parquet` files and a `manifest.json` (counts, source sha256, schema version) into a
+temporary directory and renames it into place; `read_shards` gives the records and image bytes
+back; `ray_dataset` opens the shards as a Ray Data dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llava_c_ray.data.records import Record, load_records
+from llava_c_ray.errors import LlavaCError
+
+SCHEMA_VERSION = 1
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.string()),
+        ("image_bytes", pa.binary()),
+        ("conversations", pa.string()),
+    ]
+)
+
+
+def prepare_shards(
+    path: Path,
+    image_folder: Path | None,
+    out: Path,
+    *,
+    records_per_shard: int = 1000,
+    mode: str = "strict",
+    overwrite: bool = False,
+) -> Path:
+    """Validate `path` and write its records (with image bytes) as Parquet shards into `out`."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise LlavaCError(
+            "output directory exists and is not empty",
+            path=out,
+            fix="choose a new --out or pass --overwrite",
+        )
+    records = load_records(
+        path,
+        image_folder,
+        mode=mode,
+        skipped_out=out.with_name(f"{out.name}.skipped.json") if mode == "skip" else None,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shards = [
+            write_shard(
+                records[i : i + records_per_shard],
+                image_folder,
+                tmp / f"part-{i // records_per_shard:05d}.parquet",
+            )
+            for i in range(0, len(records), records_per_shard)
+        ]
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "source": str(path),
+            "source_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "records": len(records),
+            "with_image": sum(r.image is not None for r in records),
+            "shards": shards,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_shard(records: list[Record], image_folder: Path | None, path: Path) -> str:
+    rows = {
+        "id": [r.id for r in records],
+        "image": [r.image for r in records],
+        "image_bytes": [
+            (Path(image_folder) / r.image).read_bytes() if r.image else None for r in records
+        ],
+        "conversations": [json.dumps(r.to_raw()["conversations"]) for r in records],
+    }
+    pq.write_table(pa.table(rows, schema=SCHEMA), path)
+    return path.name
+
+
+def read_shards(directory: Path) -> Iterator[tuple[Record, bytes | None]]:
+    """Every record of a prepared directory with its image bytes (None for text-only records)."""
+    manifest = Path(directory) / "manifest.json"
+    if not manifest.is_file():
+        raise LlavaCError(
+            "no manifest.json", path=directory, fix="prepare it with `llava-c data prepare`"
+        )
+    for shard in json.loads(manifest.read_text())["shards"]:
+        table = pq.read_table(Path(directory) / shard)
+        for row in table.to_pylist():
+            raw = {
+                "id": row["id"],
+                "image": row["image"],
+                "conversations": json.loads(row["conversations"]),
+            }
+            yield Record.from_raw(raw), row["image_bytes"]
+
+
+def ray_dataset(directory: Path):
+    """The shards as a `ray.data.Dataset` (one row per record, image bytes included)."""
+    import ray.data
+
+    manifest = json.loads((Path(directory) / "manifest.json").read_text())
+    return ray.data.read_parquet([str(Path(directory) / s) for s in manifest["shards"]])
