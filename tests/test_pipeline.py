@@ -97,6 +97,24 @@ def test_run_directory_layout(finished) -> None:
     assert {"prediction", "reference", "score", "question"} <= set(samples[0])
 
 
+def test_sac_of_a_trained_adapter_equals_the_dense_path(
+    finished, tiny_checkpoint, tmp_path
+) -> None:
+    """The low-rank SAC of an adapter trained by the stage runner equals SAC of the merged model."""
+    import torch
+
+    from llava_c_ray.consolidate.engine import consolidate_checkpoint
+    from llava_c_ray.model.safetensors_io import LazyCheckpoint
+
+    stage = finished[0] / "run" / "stages" / "01-icon_count"
+    dense = consolidate_checkpoint(
+        tiny_checkpoint, tmp_path / "dense", tuned=stage / "train" / "model", progress=False
+    )
+    via_adapter, via_dense = LazyCheckpoint(stage / "model"), LazyCheckpoint(dense.out)
+    for name in via_dense.keys():
+        assert torch.allclose(via_adapter.get(name), via_dense.get(name), atol=1e-5), name
+
+
 def test_rerun_resumes_without_recomputing(finished) -> None:
     tmp, job_file, results, seconds = finished
     before = (tmp / "run" / "manifest.json").read_text()
