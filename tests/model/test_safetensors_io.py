@@ -1,0 +1,63 @@
+"""Streaming safetensors I/O: sharded write + index, lazy reads by name, clear errors on bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llava_c_ray.errors import LlavaCError
+from llava_c_ray.model.safetensors_io import INDEX_NAME, LazyCheckpoint, ShardWriter
+
+
+def sample_tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        f"layer.{i}.weight": torch.randn(16, 8, generator=generator, dtype=torch.float32)
+        for i in range(5)
+    } | {"norm.bias": torch.arange(8, dtype=torch.bfloat16)}
+
+
+def test_sharded_round_trip(tmp_path: Path) -> None:
+    tensors = sample_tensors()
+    writer = ShardWriter(tmp_path, max_shard_bytes=16 * 8 * 4 * 2)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.close()
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
+    assert not list(tmp_path.glob("part-*"))
+    checkpoint = LazyCheckpoint(tmp_path)
+    assert checkpoint.keys() == list(tensors)
+    assert checkpoint.meta("norm.bias") == ((8,), "BF16")
+    for name, tensor in tensors.items():
+        assert torch.equal(checkpoint.get(name), tensor)
+
+
+def test_single_file_checkpoint(tmp_path: Path) -> None:
+    tensors = sample_tensors()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    checkpoint = LazyCheckpoint(tmp_path)
+    assert checkpoint.shard_files() == ["model.safetensors"]
+    assert "layer.3.weight" in checkpoint
+    assert torch.equal(checkpoint.get("layer.3.weight"), tensors["layer.3.weight"])
+
+
+def test_missing_weights_named(tmp_path: Path) -> None:
+    with pytest.raises(LlavaCError, match="no model.safetensors"):
+        LazyCheckpoint(tmp_path)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
+    save_file(sample_tensors(), str(tmp_path / "model.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LlavaCError, match="unreadable or truncated"):
+        LazyCheckpoint(tmp_path).get("layer.4.weight")
