@@ -45,3 +45,32 @@ def test_text_only_records(tiny_benchmark: Path, tmp_path: Path) -> None:
         b is None for _, b in rows
     )
     assert len(list(out.glob("*.parquet"))) > 1
+
+
+def test_manifest_and_overwrite(tiny_benchmark: Path, tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    from llava_c_ray.data.shards import prepare_shards
+
+    source = tiny_benchmark / "icon_count" / "val.json"
+    out = prepare_shards(source, tiny_benchmark / "images", tmp_path / "s", records_per_shard=2)
+    (out / "stale.txt").write_text("left from an earlier run")
+    out = prepare_shards(source, tiny_benchmark / "images", out, overwrite=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    records = load_records(source, tiny_benchmark / "images")
+    assert manifest["records"] == manifest["with_image"] == len(records)
+    assert manifest["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert sorted(p.name for p in out.iterdir()) == sorted(manifest["shards"] + ["manifest.json"])
+    assert not list(tmp_path.glob(".s.*"))
+
+
+@pytest.mark.integration
+def test_ray_dataset_reads_every_record(tiny_benchmark: Path, tmp_path: Path, ray_cluster) -> None:
+    from llava_c_ray.data.shards import prepare_shards, ray_dataset
+
+    source = tiny_benchmark / "icon_count" / "val.json"
+    out = prepare_shards(source, tiny_benchmark / "images", tmp_path / "s", records_per_shard=2)
+    rows = ray_dataset(out).take_all()
+    assert sorted(r["id"] for r in rows) == sorted(r.id for r, _ in read_shards(out))
+    assert all(r["image_bytes"] for r in rows)
