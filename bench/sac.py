@@ -97,6 +97,9 @@ def plain_copy(base: Path, out: Path) -> None:
 
 
 def whole_checkpoint(gigabytes: float) -> None:
+    import ray
+
+    ray.init(ignore_reinit_error=True)  # a running cluster is the normal case: keep start-up out
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, adapter = synthetic_checkpoint(root, gigabytes)
