@@ -55,6 +55,11 @@ class DataFile(Section):
     """How answers in this file are scored (general probe only)."""
 
 
+class ProbeConfig(DataFile):
+    val: Path | None = None
+    """Held-out validation part of the probe, used by the α search (never `path`, the test part)."""
+
+
 class TaskConfig(Section):
     name: str = Field(pattern=TASK_NAME_PATTERN)
     """Short unique task name; used in stage directory names."""
@@ -195,6 +200,19 @@ class SearchConfig(Section):
     """Early-stop weak candidates with ASHA over growing subset sizes."""
     objective: ObjectiveWeights = Field(default_factory=ObjectiveWeights)
     """Weights of new-task, old-task and general scores in the objective."""
+    compare_modelmix: bool = False
+    """Also score ModelMix at every α, for the α plot (the choice stays with the job's method)."""
+    seed: int = 0
+    """Seed of the random / optuna samplers."""
+
+    @model_validator(mode="after")
+    def _bounds_for_samplers(self) -> SearchConfig:
+        if self.sampler != "grid" and (len(self.space) != 2 or self.space[0] >= self.space[1]):
+            raise ValueError(
+                f"sampler={self.sampler} draws α from [low, high]: give search.space as two "
+                f"increasing values, e.g. [0.05, 0.5] (got {self.space})"
+            )
+        return self
 
     @field_validator("space")
     @classmethod
@@ -245,7 +263,7 @@ class JobConfig(Section):
     tasks: list[TaskConfig] = Field(default_factory=list)
     inquiry: DataFile | None = None
     """Unlabeled text-only inquiries for UIR."""
-    general_probe: DataFile | None = None
+    general_probe: ProbeConfig | None = None
     """Held-out general-ability probe evaluated at every stage."""
     method: MethodConfig = Field(default_factory=MethodConfig)
     uir: UIRConfig = Field(default_factory=UIRConfig)
@@ -285,7 +303,25 @@ class JobConfig(Section):
             raise ValueError(
                 "training.strategy=deepspeed needs cluster.use_gpu=true; use ddp on CPUs"
             )
+        self._check_search_splits()
         return self
+
+    def _check_search_splits(self) -> None:
+        """The α search scores on validation splits only, so the ones it weighs must exist."""
+        if not self.search.enabled:
+            return
+        weights = self.search.objective
+        if weights.new > 0 or weights.old > 0:
+            missing = [t.name for t in self.tasks if t.val is None]
+            if missing:
+                raise ValueError(
+                    f"search.enabled needs a `val` split for every task; missing for {missing}"
+                )
+        if weights.general > 0 and (self.general_probe is None or self.general_probe.val is None):
+            raise ValueError(
+                "search.objective.general > 0 needs general_probe.val (a validation part of the "
+                "probe); add it or set search.objective.general=0"
+            )
 
     @property
     def gradient_accumulation(self) -> int:
@@ -409,6 +445,7 @@ def expand_benchmark(data: dict[str, Any], source: str | Path) -> None:
     if not data.get("general_probe") and probe:
         data["general_probe"] = {
             "path": str(root / probe["test"]),
+            "val": str(root / probe["val"]) if probe.get("val") else None,
             "image_folder": str(root / probe["image_folder"]),
             "scoring": probe.get("scoring", "f1"),
         }
@@ -490,8 +527,10 @@ def _data_paths(job: JobConfig) -> list[tuple[str, Path]]:
         data_file = getattr(job, key)
         if data_file is not None:
             paths.append((f"{key}.path", data_file.path))
-            if data_file.image_folder is not None:
-                paths.append((f"{key}.image_folder", data_file.image_folder))
+            for field in ("val", "image_folder"):
+                value = getattr(data_file, field, None)
+                if value is not None:
+                    paths.append((f"{key}.{field}", value))
     return paths
 
 

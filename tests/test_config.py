@@ -46,10 +46,24 @@ def test_good_job_loads_with_defaults(job_file: Path) -> None:
 
 
 def test_overrides_parse_yaml_values(job_file: Path) -> None:
-    job = load_job(job_file, ["training.lr=1e-4", "search.enabled=true", "tasks.0.name=other"])
+    job = load_job(
+        job_file,
+        ["training.lr=1e-4", "search.enabled=true", "search.objective.general=0", "tasks.0.name=x"],
+    )
     assert job.training.lr == 1e-4
     assert job.search.enabled is True
-    assert job.tasks[0].name == "other"
+    assert job.tasks[0].name == "x"
+
+
+def test_search_needs_the_validation_splits_it_weighs(job_file: Path, data_files) -> None:
+    with pytest.raises(LlavaCError, match="general_probe.val"):
+        load_job(job_file, ["search.enabled=true"])
+    with pytest.raises(LlavaCError, match="`val` split for every task"):
+        load_job(
+            job_file, ["search.enabled=true", "search.objective.general=0", "tasks.0.val=null"]
+        )
+    probe = f"general_probe={{path: {data_files['test']}, val: {data_files['val']}}}"
+    assert load_job(job_file, ["search.enabled=true", probe]).general_probe.val.name == "val.json"
 
 
 def test_hash_changes_with_config(job_file: Path) -> None:

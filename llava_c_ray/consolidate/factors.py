@@ -70,22 +70,31 @@ def dense_vector(delta, lora, shape: tuple[int, ...]) -> torch.Tensor:
     return (scale * b.double() @ a.double()).reshape(shape).contiguous()
 
 
-def lowrank_deltas(cache: Path, alpha: float, boundary: Boundary = "pad") -> CandidateDelta:
-    """The SAC change of every cached tensor for one α, from cached factors only (no SVD)."""
+def load_factors(cache: Path) -> tuple[dict[str, Factors], dict[str, torch.Tensor]]:
+    """The cached (U, σ, Vh) of every changed matrix and Δ of every changed vector."""
     cache = Path(cache)
     if not (cache / VECTORS_NAME).is_file():
         raise LlavaCError(
             "no factor cache here", path=cache, fix="run compute_factors into this directory first"
         )
-    lowrank = {}
+    matrices = {}
     for path in sorted(cache.glob("*.safetensors")):
         if path.name == VECTORS_NAME:
             continue
         saved = load_file(str(path))
         shape = (saved["U"].shape[0], saved["Vh"].shape[1])
-        factors = Factors(saved["U"], saved["S"], saved["Vh"], shape)
+        matrices[path.name.removesuffix(".safetensors")] = Factors(
+            saved["U"], saved["S"], saved["Vh"], shape
+        )
+    return matrices, load_file(str(cache / VECTORS_NAME))
+
+
+def lowrank_deltas(cache: Path, alpha: float, boundary: Boundary = "pad") -> CandidateDelta:
+    """The SAC change of every cached tensor for one α, from cached factors only (no SVD)."""
+    matrices, vectors = load_factors(cache)
+    lowrank = {}
+    for name, factors in matrices.items():
         sigma_tilde, _ = consolidated_spectrum(factors, alpha, boundary)
-        lowrank[path.name.removesuffix(".safetensors")] = (factors.U * sigma_tilde, factors.Vh)
-    vectors = load_file(str(cache / VECTORS_NAME))
+        lowrank[name] = (factors.U * sigma_tilde, factors.Vh)
     dense = {name: modelmix(delta, alpha) for name, delta in vectors.items()}
     return CandidateDelta(lowrank, dense)

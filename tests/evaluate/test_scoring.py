@@ -51,8 +51,12 @@ def test_scores_in_unit_interval(a: str, b: str, rule: str) -> None:
     assert 0.0 <= score(a, b, rule) <= 1.0
 
 
-boxes = st.tuples(*(st.floats(0, 1) for _ in range(4))).filter(
-    lambda b: b[2] > b[0] + 1e-3 and b[3] > b[1] + 1e-3
+boxes = st.builds(
+    lambda x, y, w, h: (x, y, x + w, y + h),
+    st.floats(0, 0.9),
+    st.floats(0, 0.9),
+    st.floats(1e-3, 0.1),
+    st.floats(1e-3, 0.1),
 )
 
 
