@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from llava_c_ray.config import dump_job, load_job
+from llava_c_ray.consolidate import command as consolidate_command
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.search import command as search_command
 
 DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 COMPARE_METHODS = ("finetune", "sac", "uir", "llava_c", "joint")
@@ -81,24 +83,6 @@ def train(args: argparse.Namespace) -> int:
     )
     result = run_stage(spec)
     print(f"θ_t: {result.model_dir}\nadapter: {result.adapter_dir}\nsteps: {result.steps}")
-    return 0
-
-
-def consolidate(args: argparse.Namespace) -> int:
-    from llava_c_ray.consolidate.engine import consolidate_checkpoint
-
-    result = consolidate_checkpoint(
-        args.base,
-        args.out,
-        tuned=args.tuned,
-        adapter=args.adapter,
-        method=args.method,
-        alpha=args.alpha,
-        boundary=args.boundary,
-        num_cpus=args.num_cpus,
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {result.out} ({len(result.stats)} tensors consolidated, {result.seconds:.1f}s)")
     return 0
 
 
@@ -193,22 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory (model/, adapter/)")
     p.set_defaults(handler=train)
 
-    p = commands.add_parser(
-        "consolidate", help="SAC / ModelMix of a tuned model or adapter into a base"
-    )
-    p.add_argument("--base", required=True, type=Path)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tuned", type=Path, help="tuned HF checkpoint")
-    source.add_argument("--adapter", type=Path, help="peft LoRA adapter trained from the base")
-    p.add_argument("--method", choices=("sac", "modelmix"), default="sac")
-    p.add_argument("--alpha", type=float, default=0.2)
-    p.add_argument("--boundary", choices=("pad", "truncate"), default="pad")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument(
-        "--num-cpus", type=int, help="tensor groups in flight (default: the cluster's CPUs)"
-    )
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(handler=consolidate)
+    consolidate_command.register(commands)
+    search_command.register(commands)
 
     data = commands.add_parser("data", help="LLaVA data: validate, generate the built-in benchmark")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -128,30 +128,52 @@ def stage_spec(pipe: Pipeline, stage: Stage, start_model: Path, out: Path):
 def search_step(pipe: Pipeline, stage: Stage, start_model: Path, trained: dict[str, Any]) -> float:
     """α for this stage: the job's fixed α, or the best of a Ray Tune search when enabled."""
     job = pipe.job
-    if not job.search.enabled or pipe.method.consolidation_for(job) == "none":
+    rule = pipe.method.consolidation_for(job)
+    if not job.search.enabled or rule == "none":
         return job.consolidation.alpha
     done = pipe.run.step(stage.index, "search")
     if done:
         return done["alpha"]
     from llava_c_ray.search.tune import search_alpha
 
+    stage_dir = pipe.run.stage_dir(stage.dirname)
+    out = stage_dir / "search"
+    shutil.rmtree(
+        out, ignore_errors=True
+    )  # a half-finished attempt; the manifest never recorded it
     started = time.time()
     result = search_alpha(
         job,
-        stage=stage,
+        new=list(stage.tasks),
+        old=earlier_tasks(pipe, stage),
         base=start_model,
-        trained=trained,
-        out=pipe.run.stage_dir(stage.dirname) / "search",
+        factors=stage_dir / "factors",
+        out=out,
+        rule=rule,
+        **trained_source(trained),
     )
     pipe.run.record(
         stage.index,
         "search",
         alpha=result.best_alpha,
+        rule=rule,
         trials=result.trials,
         experiment=str(result.experiment_path),
         seconds=time.time() - started,
     )
     return result.best_alpha
+
+
+def earlier_tasks(pipe: Pipeline, stage: Stage) -> list[str]:
+    """Tasks trained in the stages before `stage` (the α search's "old" group)."""
+    earlier = pipe.method.stages(pipe.task_names)[: stage.index - 1]
+    return [name for s in earlier for name in s.tasks if name not in stage.tasks]
+
+
+def trained_source(trained: dict[str, Any]) -> dict[str, Path]:
+    """The LoRA adapter when there is one (exact low-rank SVD, cheap), else the merged model."""
+    adapter = trained.get("adapter")
+    return {"adapter": Path(adapter)} if adapter else {"tuned": Path(trained["model"])}
 
 
 def consolidate_step(
@@ -168,13 +190,10 @@ def consolidate_step(
     stage_dir = pipe.run.stage_dir(stage.dirname)
     out = stage_dir / "model"
     started = time.time()
-    # The LoRA adapter gives the exact low-rank SVD cheaply; the merged model is the fallback.
-    adapter = trained.get("adapter")
-    source = {"adapter": Path(adapter)} if adapter else {"tuned": Path(trained["model"])}
     consolidate_checkpoint(
         start_model,
         out,
-        **source,
+        **trained_source(trained),
         method=kind,
         alpha=alpha,
         boundary=pipe.job.consolidation.boundary,

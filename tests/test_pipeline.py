@@ -84,7 +84,7 @@ def test_run_directory_layout(finished) -> None:
     assert (
         (run / "accuracy_matrix.csv")
         .read_text()
-        .startswith("stage,icon_count,attributes,general_probe")
+        .startswith("stage,icon_count,attributes,count_math,bar_chart,line_plot,general_probe")
     )
     assert {p.name for p in (run / "plots").glob("*.png")} >= {
         "accuracy_heatmap.png",

@@ -80,17 +80,25 @@ def spectra(stats_file: Path, path: Path, count: int = 4) -> Path | None:
     return _save(fig, path)
 
 
-def alpha_curves(
-    alphas: list[float], scores: dict[str, list[float]], path: Path, title: str
-) -> Path:
-    """New-task, old-task and general validation scores against α (like the paper's Figure 4)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, values in scores.items():
-        ax.plot(alphas, values, marker="o", label=name)
+def alpha_plot(search: dict[str, Any], path: Path, title: str) -> Path:
+    """New-task, old-task and general validation scores against α (like the paper's Figure 4),
+    from a search's trials.json: the searched rule solid, ModelMix dashed when it was compared."""
+    trials = sorted(search["trials"], key=lambda t: t["alpha"])
+    alphas = [t["alpha"] for t in trials]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    series = [(search["rule"], "-", trials)]
+    if all(t.get("modelmix") for t in trials):
+        series.append(("modelmix", "--", [t["modelmix"] for t in trials]))
+    for rule, style, entries in series:
+        for group, colour in (("new", "tab:blue"), ("old", "tab:orange"), ("general", "tab:green")):
+            values = [e.get(group) for e in entries]
+            if any(v is not None for v in values):
+                ax.plot(alphas, values, style, marker="o", color=colour, label=f"{group} ({rule})")
+    ax.axvline(search["best_alpha"], color="grey", linestyle=":", label="chosen α")
     ax.set_xlabel("α")
     ax.set_ylabel("validation score")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -105,4 +113,8 @@ def draw_run_plots(run_dir: Path, results: dict[str, Any]) -> list[Path]:
         spectrum = spectra(stats, plots / f"spectra_{stats.parent.name}.png")
         if spectrum:
             drawn.append(spectrum)
+    for trials in sorted(run_dir.glob("stages/*/search/trials.json")):
+        task = trials.parent.parent.name.split("-", 1)[1]
+        search = json.loads(trials.read_text())
+        drawn.append(alpha_plot(search, plots / f"alpha_{task}.png", f"α search — {task}"))
     return drawn
