@@ -100,26 +100,25 @@ def compose_llava(
         )
     _check_out(out, overwrite)
     projector_weights = load_projector(projector)
-    # Shapes first, from the configs: a wrong projector fails before gigabytes are loaded.
+    # Configs, shapes, tokenizer and processor first: a bad part fails before gigabytes are loaded.
     text_hidden = AutoConfig.from_pretrained(language_model).hidden_size
-    vision_hidden = CLIPVisionConfig.from_pretrained(vision_tower).hidden_size
-    check_projector_shapes(projector_weights, vision_hidden, text_hidden, projector)
+    vision_config = CLIPVisionConfig.from_pretrained(vision_tower)
+    check_projector_shapes(projector_weights, vision_config.hidden_size, text_hidden, projector)
+    tokenizer = _tokenizer_with_image_token(language_model)
+    processor = _processor(tokenizer, vision_tower, vision_config)
 
     torch_dtype = _torch_dtype(dtype, language_model)
     lm = _load(AutoModelForCausalLM, language_model, torch_dtype, "language model")
     vision = _load(CLIPVisionModel, vision_tower, torch_dtype, "vision tower")
-
-    tokenizer = _tokenizer_with_image_token(language_model)
     if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
         # New rows (the <image> placeholder) are never looked up: image features replace them.
         lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    processor = _processor(tokenizer, vision_tower, vision.config)
     config = _llava_config(lm.config, vision.config, tokenizer)
 
     model = _assemble(config, lm, vision, projector_weights, torch_dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size="2GB")
         processor.save_pretrained(tmp)
         (tmp / "composed_from.json").write_text(
             json.dumps(

@@ -5,6 +5,7 @@ projector saved with torch.save under LLaVA's key names."""
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,11 @@ def test_bad_inputs_raise_one_clear_error(parts: dict[str, Path], tmp_path: Path
     wrong = {**good, "model.mm_projector.0.weight": torch.zeros(TEXT_HIDDEN, 24)}
     with pytest.raises(LlavaCError, match=r"linear_1.weight is \(32, 24\), expected \(32, 16\)"):
         run(parts["lm"], parts["vision"], bad_projector(tmp_path, wrong))
+    bare = tmp_path / "clip_without_processor"
+    shutil.copytree(parts["vision"], bare)
+    (bare / "preprocessor_config.json").unlink()
+    with pytest.raises(LlavaCError, match="no preprocessor_config.json"):
+        run(parts["lm"], bare, parts["projector"])
     assert not (tmp_path / "out").exists()
 
 
