@@ -6,7 +6,12 @@ import os
 
 
 def ensure_ray() -> None:
-    """Initialise Ray once per process: connect to `RAY_ADDRESS` if set, else start Ray locally."""
+    """Initialise Ray once per process: connect to `RAY_ADDRESS` if set, else start Ray locally.
+
+    `ray job submit` sets RAY_ADDRESS for its entrypoint; `RAY_ADDRESS=auto` joins a cluster
+    started on this machine with `ray start`. Without it Ray is started fresh (`address="local"`)
+    rather than joining whatever `ray start` cluster this machine last recorded.
+    """
     import ray
 
     if ray.is_initialized():
@@ -15,4 +20,4 @@ def ensure_ray() -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
         # A local run needs no dashboard; it costs start-up time on a laptop.
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)

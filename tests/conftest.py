@@ -25,7 +25,8 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # "local": never join a cluster this machine last started with `ray start`.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     os.environ.pop("RAY_ADDRESS", None)

@@ -21,7 +21,8 @@ from llava_c_ray.search.objective import best_trial, group_means, objective, sub
 
 GENERAL = "general_probe"
 TRIAL_CPU = 0.05
-"""A trial only waits on an actor; the actors hold the CPUs/GPUs that do the work."""
+"""A trial only waits on an actor; the actors hold the CPUs/GPUs that do the work. On CPUs an
+actor reserves the rest of its core, so each concurrent (trial, actor) pair takes one CPU."""
 
 
 @dataclass(frozen=True)
@@ -161,12 +162,26 @@ def start_actors(job: JobConfig, base: Path, factors: Path) -> list:
 
     from llava_c_ray.search.actor import SearchActor
 
-    resources = {"num_gpus": 1} if job.cluster.use_gpu else {"num_cpus": 1}
+    resources = {"num_gpus": 1} if job.cluster.use_gpu else {"num_cpus": 1 - TRIAL_CPU}
+    check_capacity(job)
     actor_class = ray.remote(**resources)(SearchActor)
     return [
         actor_class.remote(str(base), str(factors), job.model.template, job.consolidation.boundary)
         for _ in range(job.search.num_actors)
     ]
+
+
+def check_capacity(job: JobConfig) -> None:
+    """On CPUs, N actors need N CPUs in the cluster, or the trials would wait forever."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if not job.cluster.use_gpu and cpus < job.search.num_actors:
+        raise LlavaCError(
+            f"search.num_actors={job.search.num_actors} needs as many CPUs; the Ray cluster has "
+            f"{cpus:g}",
+            fix=f"set search.num_actors={max(1, int(cpus))} or add CPUs",
+        )
 
 
 def run_tuner(job: JobConfig, plan: SearchPlan, actors: list, out: Path):

@@ -171,3 +171,24 @@ def test_weights_only_on_groups_absent_at_this_stage_fail_before_any_trial(
             out=tmp_path / "out",
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_more_actors_than_cpus_fails_before_any_trial(
+    ray_cluster, grid_search, tiny_benchmark, tiny_checkpoint
+) -> None:
+    import ray
+
+    _, root, _ = grid_search
+    cpus = int(ray.cluster_resources()["CPU"])
+    job = tiny_job(tiny_benchmark, tiny_checkpoint, num_actors=cpus + 1)
+    names = [t.name for t in job.tasks]
+    with pytest.raises(LlavaCError, match="needs as many CPUs"):
+        search_alpha(
+            job,
+            new=names[:1],
+            old=[],
+            base=tiny_checkpoint,
+            factors=root / "factors",
+            out=root / "too-many",
+        )
+    assert not (root / "too-many").exists()
