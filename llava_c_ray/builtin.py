@@ -59,7 +59,8 @@ def ensure_builtin(root: Path, *, seed: int = 0, scale: str = "small") -> Builti
     return built
 
 
-def build_tiny(benchmark: Path, out: Path, seed: int) -> Path:
+def build_tiny(benchmark: Path, out: Path, seed: int, dims=None) -> Path:
+    """The tiny LLaVA (default `TinyDims`, or `dims`) with a tokenizer trained on the benchmark."""
     from llava_c_ray.data.synthetic.benchmark import benchmark_texts
     from llava_c_ray.data.template import SYSTEM
     from llava_c_ray.model.tiny import build_tiny_llava
@@ -69,7 +70,7 @@ def build_tiny(benchmark: Path, out: Path, seed: int) -> Path:
     texts = benchmark_texts(benchmark) + [f"{SYSTEM} USER: ASSISTANT:"] * 200
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_llava(tmp, texts, seed=seed)
+    build_tiny_llava(tmp, texts, seed=seed, dims=dims)
     tmp.rename(out)
     return out
 

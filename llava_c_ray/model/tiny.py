@@ -157,3 +157,33 @@ def build_tiny_llava(
     build_processor(tokenizer, dims).save_pretrained(out)
     (out / "tiny_dims.json").write_text(json.dumps(asdict(dims), indent=2))
     return out
+
+
+def random_lora_adapter(
+    base: Path, out: Path, *, rank: int = 4, scale: float = 0.05, seed: int = 0
+) -> tuple[Path, Path]:
+    """A peft LoRA adapter of `base` with random non-zero B (and a perturbed projector), saved
+    to `out/adapter`, and its merged model saved to `out/tuned`: a stand-in for a trained stage in
+    tests and benchmarks."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoProcessor
+
+    from llava_c_ray.train.worker import language_model_linears
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration.from_pretrained(base)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=language_model_linears(model),
+        modules_to_save=["multi_modal_projector"],
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(scale * torch.randn_like(param))
+    peft_model.save_pretrained(out / "adapter")
+    peft_model.merge_and_unload().save_pretrained(out / "tuned")
+    AutoProcessor.from_pretrained(base).save_pretrained(out / "tuned")
+    return out / "adapter", out / "tuned"
