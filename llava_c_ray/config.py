@@ -84,6 +84,8 @@ class BenchmarkConfig(Section):
     """A built-in benchmark directory (holding benchmark.json), as written by `llava-c data synth`."""
     setting: Literal["continual", "general"] = "continual"
     """Which task list of the benchmark to run: the five new tasks, or the six general domains."""
+    tasks: list[str] | None = None
+    """Run only these tasks of the setting, in this order (None = all, in the benchmark's order)."""
 
 
 class UIRConfig(Section):
@@ -438,7 +440,9 @@ def expand_benchmark(data: dict[str, Any], source: str | Path) -> None:
     index = json.loads(index_file.read_text())
     setting = bench.get("setting", "continual")
     if not data.get("tasks"):
-        data["tasks"] = [_benchmark_task(root, t) for t in index[setting]]
+        data["tasks"] = [
+            _benchmark_task(root, t) for t in chosen_tasks(index[setting], bench, root)
+        ]
     if not data.get("inquiry") and index.get("inquiry"):
         data["inquiry"] = {"path": str(root / index["inquiry"]["path"])}
     probe = index.get("general_probe")
@@ -449,6 +453,22 @@ def expand_benchmark(data: dict[str, Any], source: str | Path) -> None:
             "image_folder": str(root / probe["image_folder"]),
             "scoring": probe.get("scoring", "f1"),
         }
+
+
+def chosen_tasks(tasks: list[dict], bench: dict[str, Any], root: Path) -> list[dict]:
+    """The benchmark's tasks named by `benchmark.tasks`, in that order (all when unset)."""
+    names = bench.get("tasks")
+    if names is None:
+        return tasks
+    by_name = {t["name"]: t for t in tasks}
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise LlavaCError(
+            f"benchmark.tasks {unknown or names} do not name tasks of this benchmark",
+            path=root / "benchmark.json",
+            fix=f"choose from {list(by_name)}",
+        )
+    return [by_name[n] for n in names]
 
 
 def _benchmark_task(root: Path, task: dict[str, Any]) -> dict[str, Any]:

@@ -161,6 +161,10 @@ def test_benchmark_expands_into_tasks(tmp_path: Path, data_files: dict[str, str]
     assert job.inquiry is not None and job.general_probe is not None
     with pytest.raises(LlavaCError, match="llava-c data synth"):
         job_from_dict({"benchmark": {"path": str(tmp_path / "none")}})
+    picked = job_from_dict({"benchmark": {"path": str(bench), "tasks": ["icon"]}})
+    assert [t.name for t in picked.tasks] == ["icon"]
+    with pytest.raises(LlavaCError, match=r"choose from \['icon'\]"):
+        job_from_dict({"benchmark": {"path": str(bench), "tasks": ["icon", "nope"]}})
 
 
 def test_config_show_cli(job_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
