@@ -9,6 +9,7 @@ from pathlib import Path
 from llava_c_ray.config import dump_job, load_job
 from llava_c_ray.consolidate import command as consolidate_command
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.model import compose as compose_command
 from llava_c_ray.search import command as search_command
 
 DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=model_tiny)
+    compose_command.register(model_commands)
 
     config = commands.add_parser("config", help="inspect job configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)

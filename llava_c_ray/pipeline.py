@@ -231,6 +231,7 @@ def evaluate_step(pipe: Pipeline, stage: Stage, model: Path) -> None:
         max_samples=pipe.job.eval.max_samples,
         template=pipe.job.model.template,
         out=out,
+        use_gpu=pipe.job.cluster.use_gpu,
     )
     scores = dict(result.scores)
     general = scores.pop(GENERAL, None)

@@ -115,15 +115,19 @@ def evaluate_checkpoint(
     max_samples: int | None = None,
     template: str = "vicuna_v1",
     out: Path | None = None,
+    use_gpu: bool = False,
 ) -> EvalResult:
-    """Score `model_dir` on every task; write eval.json to `out` if given."""
+    """Score `model_dir` on every task; write eval.json to `out` if given.
+
+    With `use_gpu` each actor holds one GPU (an actor without a GPU request would see them all
+    and every actor would load its model onto cuda:0)."""
     import ray
 
     from llava_c_ray.ray_session import ensure_ray
 
     queries = [q for task in tasks for q in task_queries(task, max_samples)]
     ensure_ray()
-    actor_class = ray.remote(num_cpus=1)(EvalActor)
+    actor_class = ray.remote(**({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))(EvalActor)
     actors = [actor_class.remote(str(model_dir), template) for _ in range(num_actors)]
     work = batches(queries, batch_size)
     refs = [actors[i % num_actors].answer.remote(b, max_new_tokens) for i, b in enumerate(work)]
