@@ -254,6 +254,9 @@ class ClusterConfig(Section):
 class StorageConfig(Section):
     path: str = "runs"
     """Where run directories go: a local path, NFS mount, or s3:// / gs:// URI."""
+    local_cache: Path = Path("runs-cache")
+    """With a URI `path`: the local working copy of the run directory, mirrored to the URI after
+    every step (and fetched from it to resume on a new machine)."""
 
 
 class JobConfig(Section):

@@ -35,8 +35,39 @@ class Pipeline:
         return [t.name for t in self.job.tasks]
 
 
+def local_root(job: JobConfig) -> Path:
+    """Where run directories live on this machine: storage.path, or its cache for a URI."""
+    from llava_c_ray.storage import is_remote
+
+    path = job.storage.local_cache if is_remote(job.storage.path) else Path(job.storage.path)
+    return path.absolute()
+
+
 def default_run_dir(job: JobConfig) -> Path:
-    return (Path(job.storage.path) / job.name).absolute()
+    return local_root(job) / job.name
+
+
+def mirror_uri(job: JobConfig, run_dir: Path | None) -> str | None:
+    """The URI a job's run directory is mirrored to (None for local storage or an explicit dir)."""
+    from llava_c_ray.storage import is_remote, join
+
+    if run_dir is not None or not is_remote(job.storage.path):
+        return None
+    return join(job.storage.path, job.name)
+
+
+def open_run(job: JobConfig, run_dir: Path | None, force_new: bool) -> RunDir:
+    """Open the local run directory, first fetching it from the storage URI to resume elsewhere."""
+    from llava_c_ray.storage import sync_down
+
+    mirror = mirror_uri(job, run_dir)
+    path = Path(run_dir).absolute() if run_dir else default_run_dir(job)
+    if mirror:
+        sync_down(mirror, path)
+    run = open_run_dir(path, job, force_new=force_new)
+    run.mirror = mirror
+    run.sync()
+    return run
 
 
 def run_job(
@@ -44,9 +75,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Run (or resume) the whole task sequence of `job`; returns the results written to results.json."""
     method = get_method(job.method.name)
-    run = open_run_dir(
-        Path(run_dir).absolute() if run_dir else default_run_dir(job), job, force_new=force_new
-    )
+    run = open_run(job, run_dir, force_new)
     initial = resolve_initial_model(job)
     ensure_ray()
     pipe = Pipeline(job, method, run, initial)
@@ -58,6 +87,7 @@ def run_job(
     from llava_c_ray.evaluate.plots import draw_run_plots
 
     draw_run_plots(pipe.run.path, results)
+    pipe.run.sync()
     return results
 
 
@@ -66,7 +96,7 @@ def resolve_initial_model(job: JobConfig) -> Path:
     if job.model.path == "tiny":
         from llava_c_ray.builtin import ensure_builtin
 
-        return ensure_builtin(Path(job.storage.path) / "builtin").base_model
+        return ensure_builtin(local_root(job) / "builtin").base_model
     path = Path(job.model.path).expanduser().absolute()
     if not (path / "config.json").is_file():
         raise LlavaCError(

@@ -48,10 +48,14 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 @dataclass
 class RunDir:
-    """A run directory and its manifest; every `record` rewrites manifest.json atomically."""
+    """A run directory and its manifest; every `record` rewrites manifest.json atomically.
+
+    With a `mirror` URI (s3://, gs://, file://) every save also uploads what changed.
+    """
 
     path: Path
     manifest: dict[str, Any]
+    mirror: str | None = None
 
     @property
     def manifest_file(self) -> Path:
@@ -83,6 +87,14 @@ class RunDir:
     def save(self) -> None:
         self.manifest["updated"] = time.time()
         write_json_atomic(self.manifest_file, self.manifest)
+        self.sync()
+
+    def sync(self) -> None:
+        """Upload the files the mirror lacks (a no-op without a mirror)."""
+        if self.mirror:
+            from llava_c_ray.storage import sync_up
+
+            sync_up(self.path, self.mirror)
 
 
 def open_run_dir(path: Path, job: JobConfig, *, force_new: bool = False) -> RunDir:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 from pyarrow import fs as pafs
@@ -78,3 +79,56 @@ def copy_tree(source_uri: str, destination_uri: str) -> None:
         source_filesystem=source_fs,
         destination_filesystem=destination_fs,
     )
+
+
+def is_remote(uri: str) -> bool:
+    """True for a URI (s3://, gs://, file://, mock://); False for a local or NFS path."""
+    return "://" in str(uri)
+
+
+def sync_up(local: Path, uri: str) -> int:
+    """Upload the files under `local` that `uri` lacks or holds at another size; returns how many.
+
+    Run-directory files are written once (checkpoints) or replaced whole (JSON, CSV, PNG), so
+    size is a sufficient change test between pushes.
+    """
+    filesystem, root = resolve(uri)
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file() and ".tmp-" not in p.name)
+    remote = {
+        info.path: info.size
+        for info in filesystem.get_file_info(
+            pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        )
+    }
+    changed = [
+        p
+        for p in files
+        if remote.get(join(root, p.relative_to(local).as_posix())) != p.stat().st_size
+    ]
+    for path in changed:
+        target = join(root, path.relative_to(local).as_posix())
+        makedirs(filesystem, target.rsplit("/", 1)[0])
+        pafs.copy_files(
+            str(path),
+            target,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=filesystem,
+        )
+    return len(changed)
+
+
+def sync_down(uri: str, local: Path) -> bool:
+    """Fetch a run directory from `uri` into an absent or empty `local` (resume on a new machine)."""
+    filesystem, root = resolve(uri)
+    if not exists(filesystem, join(root, "manifest.json")):
+        return False
+    if Path(local).exists() and any(Path(local).iterdir()):
+        return False
+    Path(local).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(
+        root,
+        str(local),
+        source_filesystem=filesystem,
+        destination_filesystem=pafs.LocalFileSystem(),
+    )
+    return True

@@ -52,3 +52,21 @@ def test_errors_name_the_path(tmp_path: Path) -> None:
         storage.read_json(filesystem, str(tmp_path / "bad.json"))
     with pytest.raises(LlavaCError, match="nowhere://x"):
         storage.resolve("nowhere://x")
+
+
+def test_sync_up_uploads_only_what_changed_and_sync_down_restores(tmp_path: Path) -> None:
+    local = tmp_path / "run"
+    (local / "stages" / "01").mkdir(parents=True)
+    (local / "manifest.json").write_text('{"stages": []}')
+    (local / "stages" / "01" / "w.bin").write_bytes(b"x" * 100)
+    uri = f"file://{tmp_path}/remote/run"
+    assert storage.sync_up(local, uri) == 2
+    assert storage.sync_up(local, uri) == 0
+    (local / "manifest.json").write_text('{"stages": [1]}')
+    assert storage.sync_up(local, uri) == 1
+    fresh = tmp_path / "elsewhere"
+    assert storage.sync_down(uri, fresh)
+    assert (fresh / "manifest.json").read_text() == '{"stages": [1]}'
+    assert (fresh / "stages" / "01" / "w.bin").read_bytes() == b"x" * 100
+    assert not storage.sync_down(uri, fresh)  # never over a non-empty local directory
+    assert not storage.sync_down(f"file://{tmp_path}/nothing", tmp_path / "x")
