@@ -36,6 +36,8 @@ class StageSpec:
     cpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     storage_path: Path | None = None
+    progress: bool = True
+    """Draw a progress bar on the driver (tqdm hides it when stderr is not a terminal)."""
 
     @classmethod
     def from_job(

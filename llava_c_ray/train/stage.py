@@ -67,7 +67,11 @@ def run_stage(spec: StageSpec) -> StageResult:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = fit(trainer)
+    from llava_c_ray.train.progress import PROGRESS_FILE, progress_bar
+
+    with progress_bar(spec.out / PROGRESS_FILE, f"stage {spec.name}", spec.progress):
+        result = fit(trainer)
+    check_finite(result)
     return collect_outputs(result, spec.out)
 
 
@@ -78,6 +82,18 @@ def fit(trainer) -> Any:
         return trainer.fit()
     except TrainingFailedError as exc:
         raise LlavaCError(f"training failed: {root_message(exc)}") from exc
+
+
+def check_finite(result) -> None:
+    """Turn the workers' non-finite-loss return value into the stage's error, naming the kept
+    checkpoint."""
+    from llava_c_ray.train.worker import NON_FINITE_MARKER
+
+    failure = result.return_value or {}
+    if NON_FINITE_MARKER not in failure:
+        return
+    kept = result.checkpoint.path if result.checkpoint is not None else "none saved yet"
+    raise LlavaCError(f"training stopped: {failure['error']}\nLast good checkpoint: {kept}")
 
 
 def root_message(exc: BaseException) -> str:

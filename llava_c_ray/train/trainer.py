@@ -20,6 +20,26 @@ from llava_c_ray.errors import LlavaCError
 from llava_c_ray.train.uir import uir_loss
 
 
+class NonFiniteLoss(LlavaCError):
+    """A loss that is NaN or infinite on some rank; raised on every rank at the same step."""
+
+    def __init__(self, value: float, step: int):
+        super().__init__(
+            f"non-finite loss ({value}) at optimizer step {step}",
+            fix="lower training.lr or check the data; the last good checkpoint is kept",
+        )
+        self.step = step
+
+
+def any_rank_non_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is non-finite on this or any other rank (one scalar all-reduce), so that
+    every rank stops at the same micro-batch instead of leaving the others in a collective."""
+    flag = torch.tensor(0.0 if math.isfinite(loss.item()) else 1.0, device=loss.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag)
+    return bool(flag.item())
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP / DeepSpeed wrappers."""
     while hasattr(model, "module"):
@@ -64,11 +84,8 @@ class StageTrainer(Trainer):
             term = uir_loss(outputs.hidden_states[-1][-uir_rows:], reference, mask)
             self.sums["uir_loss"] += term.item()
             loss = loss + self.uir_weight * term
-        if not math.isfinite(loss.item()):
-            raise LlavaCError(
-                f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step}",
-                fix="lower training.lr or check the data; the last good checkpoint is kept",
-            )
+        if any_rank_non_finite(loss):
+            raise NonFiniteLoss(loss.item(), self.state.global_step + 1)
         self.sums["micro_batches"] += 1
         self.sums["tokens"] += int(inputs["attention_mask"].sum())
         return (loss, outputs) if return_outputs else loss

@@ -16,6 +16,7 @@ from llava_c_ray.config import TrainingConfig
 from llava_c_ray.train.spec import StageSpec
 
 FINAL_MARKER = "final"
+NON_FINITE_MARKER = "non_finite_loss_step"
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -138,14 +139,18 @@ def load_model(spec: StageSpec):
     return add_lora(model, spec.training)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: train, checkpoint through Ray Train, save θ_t on rank 0."""
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs on every Ray Train worker: train, checkpoint through Ray Train, save θ_t on rank 0.
+
+    Returns None, or after a non-finite loss (on every rank at the same step) its step and error.
+    """
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers import AutoProcessor
 
     from llava_c_ray.train.data import InquiryRows, StageCollator, TaskDataset
-    from llava_c_ray.train.trainer import StageTrainer
+    from llava_c_ray.train.progress import PROGRESS_FILE, ProgressFile
+    from llava_c_ray.train.trainer import NonFiniteLoss, StageTrainer
 
     spec: StageSpec = config["spec"]
     rank = ray.train.get_context().get_world_rank()
@@ -171,14 +176,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ),
         data_collator=StageCollator(processor.tokenizer.pad_token_id, inquiries, spec.uir_rows),
         optimizers=(build_optimizer(model, spec.training), None),
-        callbacks=[RayTrainReportCallback()],
+        callbacks=[RayTrainReportCallback()]
+        + ([ProgressFile(spec.out / PROGRESS_FILE)] if rank == 0 else []),
         uir_weight=spec.uir_weight,
     )
     trainer = prepare_trainer(trainer)
     resume, resumed_from = resume_dir(ray.train.get_checkpoint(), work)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteLoss as exc:
+        # Returned, not raised: a raised error would be retried from the same checkpoint into
+        # the same NaN `max_failures` times. The driver turns rank 0's return value into the error.
+        shutil.rmtree(work, ignore_errors=True)
+        return {NON_FINITE_MARKER: exc.step, "error": str(exc)}
     report_final(trainer, spec, processor, rank, work, resumed_from)
     shutil.rmtree(work, ignore_errors=True)
+    return None
 
 
 def resume_dir(checkpoint, work: Path) -> tuple[str | None, int]:

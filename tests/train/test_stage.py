@@ -167,3 +167,28 @@ def test_bad_inputs_fail_before_training(
     with pytest.raises(LlavaCError, match="image_token"):
         run_stage(spec_for(broken, tiny_checkpoint, tmp_path / "o2", task=job.tasks[0].name))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(
+    ray_cluster, tiny_benchmark: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """lr = 1e30: step 1 is finite and checkpointed, step 2 overflows. No retries into the NaN."""
+    job = stage_job(
+        tiny_benchmark, lr=1e30, projector_lr=1e30, max_steps=4, checkpoint_every=1, max_failures=2
+    )
+    started = time.perf_counter()
+    with pytest.raises(LlavaCError, match=r"non-finite loss .* at optimizer step 2") as error:
+        run_stage(spec_for(job, tiny_checkpoint, tmp_path / "out", uir_weight=0.0))
+    kept = Path(str(error.value).split("Last good checkpoint: ")[1].strip())
+    state = kept / "checkpoint" / "trainer_state.json"
+    assert state.is_file() and '"global_step": 1' in state.read_text()
+    assert not (tmp_path / "out" / "model").exists()
+    print(f"non-finite loss stopped the stage in {time.perf_counter() - started:.1f}s")
+
+
+def test_rank_zero_writes_the_progress_the_driver_draws(trained) -> None:
+    from llava_c_ray.train.progress import PROGRESS_FILE, read_progress
+
+    progress = read_progress(trained.model_dir.parent / PROGRESS_FILE)
+    assert progress["step"] == progress["max_steps"] == trained.steps == 12
+    assert progress["loss"] > 0
