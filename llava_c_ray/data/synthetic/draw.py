@@ -141,10 +141,9 @@ def font(size: int) -> ImageFont.FreeTypeFont:
 def draw_word(word: str, rng: random.Random, *, sign: str | None = None) -> Image.Image:
     """A word in black; on a coloured sign with a few shapes around it when `sign` is a colour."""
     if sign is None:
-        # Centred and large: with 24-pixel patches the tiny model cannot read a word that wanders.
         image, draw = canvas()
-        x, y = IMAGE_SIZE // 2 + rng.randint(-3, 3), IMAGE_SIZE // 2
-        draw.text((x, y), word, fill=(0, 0, 0), font=font(rng.randint(28, 32)), anchor="mm")
+        x, y = (IMAGE_SIZE // 2 + rng.randint(-8, 8) for _ in range(2))
+        draw.text((x, y), word, fill=(0, 0, 0), font=font(rng.randint(22, 30)), anchor="mm")
         return image
     image, draw = canvas()
     draw.rectangle((6, 28, IMAGE_SIZE - 6, 68), fill=COLORS[sign])
