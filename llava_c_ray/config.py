@@ -93,8 +93,9 @@ class UIRConfig(Section):
     """λ in L = L_llava + λ·L_uir (SPEC.md §2.1); 0 turns UIR off."""
     rows_per_step: int = Field(default=1, ge=1)
     """Packed inquiry rows appended to every micro-batch."""
-    inquiries_per_row: int = Field(default=4, ge=1)
-    """Inquiries packed into one row, so text rows do not inflate the padded batch."""
+    inquiries_per_row: int = Field(default=8, ge=1)
+    """At most this many inquiries are packed into one row; a row never grows past the longest
+    training row of its micro-batch, so the inquiries do not lengthen the padded batch."""
 
 
 class MethodConfig(Section):

@@ -14,7 +14,7 @@ from llava_c_ray.data.collate import LlavaCollator
 from llava_c_ray.data.records import Record, load_records
 from llava_c_ray.data.template import IGNORE_INDEX, Template, prompt_text
 from llava_c_ray.train.spec import TrainFile
-from llava_c_ray.train.uir import pack_rows
+from llava_c_ray.train.uir import pack_row
 
 
 class TaskDataset(Dataset):
@@ -56,14 +56,18 @@ class InquiryRows:
         records = load_records(path, None, require_answers=False, check_images=False)
         prompts = [prompt_text(r.question, template) for r in records]
         random.Random(seed).shuffle(prompts)
-        tokenized = processor.tokenizer(prompts)["input_ids"]
-        self.rows = pack_rows(tokenized, per_row)
+        self.sequences = processor.tokenizer(prompts)["input_ids"]
+        self.per_row = per_row
         self.position = 0
 
-    def take(self, count: int) -> list[list[int]]:
-        taken = [self.rows[(self.position + i) % len(self.rows)] for i in range(count)]
-        self.position = (self.position + count) % len(self.rows)
-        return taken
+    def take(self, count: int, budget: int) -> list[list[int]]:
+        """`count` packed rows of at most `budget` tokens each."""
+        rows = []
+        for _ in range(count):
+            row, taken = pack_row(self.sequences, self.position, budget, self.per_row)
+            self.position = (self.position + taken) % len(self.sequences)
+            rows.append(row)
+        return rows
 
 
 class StageCollator:
@@ -82,7 +86,9 @@ class StageCollator:
         if self.inquiries is not None:
             extra = [
                 {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "pixel_values": None}
-                for ids in self.inquiries.take(self.rows)
+                for ids in self.inquiries.take(
+                    self.rows, max(len(e["input_ids"]) for e in examples)
+                )
             ]
         batch = self.collate(examples + extra)
         batch["uir_rows"] = torch.tensor(len(extra))

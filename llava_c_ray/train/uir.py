@@ -20,6 +20,22 @@ def uir_loss(hidden: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) 
     return squared.sum() / (tokens * hidden.shape[-1])
 
 
-def pack_rows(sequences: list[list[int]], per_row: int) -> list[list[int]]:
-    """Concatenate consecutive token sequences, `per_row` at a time, into fewer longer rows."""
-    return [sum(sequences[i : i + per_row], []) for i in range(0, len(sequences), per_row)]
+def pack_row(
+    sequences: list[list[int]], start: int, budget: int, per_row: int
+) -> tuple[list[int], int]:
+    """One row of consecutive sequences (cyclically from `start`): as many as fit in `budget`
+    tokens, at most `per_row`, at least one (cut to `budget`). Returns the row and how many
+    sequences it took.
+
+    The budget is the longest training row of the micro-batch, so the packed inquiries never
+    lengthen the padded batch.
+    """
+    row: list[int] = []
+    taken = 0
+    while taken < per_row:
+        nxt = sequences[(start + taken) % len(sequences)]
+        if row and len(row) + len(nxt) > budget:
+            break
+        row += nxt
+        taken += 1
+    return row[:budget], taken

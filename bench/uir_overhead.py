@@ -1,0 +1,155 @@
+"""UIR cost (issue 4), measured side by side in one run. Prints ratios, asserts nothing.
+
+    .venv/bin/python bench/uir_overhead.py [--steps 12] [--batch 8]
+
+For the tiny model and a wider CPU model (language model 512 wide, 4 layers), one training
+micro-step (forward + backward through the real `StageTrainer.training_step`) on the same
+training rows, alternately without UIR and with the packed inquiry row + the no-grad reference
+forward under `disable_adapter()`: median time with ÷ without (target ≤ 1.15). Peak memory: the
+same loop in two child processes, one per mode, peak RSS with ÷ without (target ≤ 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WIDE = {"text_hidden": 512, "text_layers": 4, "text_intermediate": 1024}
+
+
+def setup(root: Path, wide: bool, batch: int):
+    """(trainer, batch without UIR, batch with UIR) for a LoRA stage of the built-in icon task."""
+    from transformers import AutoProcessor, TrainingArguments
+
+    from llava_c_ray.builtin import build_tiny
+    from llava_c_ray.config import job_from_dict
+    from llava_c_ray.data.synthetic.benchmark import generate_benchmark
+    from llava_c_ray.model.tiny import TinyDims
+    from llava_c_ray.train.data import InquiryRows, StageCollator, TaskDataset
+    from llava_c_ray.train.spec import StageSpec
+    from llava_c_ray.train.trainer import StageTrainer
+    from llava_c_ray.train.worker import build_optimizer, load_model
+
+    bench = root / "benchmark"
+    if not bench.exists():
+        generate_benchmark(bench, seed=0, scale="test")
+    base = root / ("wide" if wide else "tiny")
+    if not (base / "config.json").is_file():
+        build_tiny(bench, base, 0, TinyDims(**WIDE) if wide else None)
+    job = job_from_dict(
+        {
+            "benchmark": {"path": str(bench)},
+            "training": {
+                "lora_r": 16,
+                "lora_alpha": 32,
+                "per_device_batch": batch,
+                "global_batch": batch,
+            },
+            "cluster": {"num_workers": 1},
+        }
+    )
+    spec = StageSpec.from_job(
+        job, tasks=[job.tasks[0]], init=base, out=root / "out", uir_weight=1.0
+    )
+    processor = AutoProcessor.from_pretrained(base)
+    model = load_model(spec)
+    trainer = StageTrainer(
+        model=model,
+        args=TrainingArguments(str(root / "trainer"), use_cpu=True, report_to=[]),
+        optimizers=(build_optimizer(model, spec.training), None),
+        uir_weight=1.0,
+    )
+    trainer.current_gradient_accumulation_steps = (
+        1  # set by Trainer.train(); we call steps directly
+    )
+    rows = [TaskDataset(spec.train_files, processor, spec.template, 2048)[i] for i in range(batch)]
+    inquiries = InquiryRows(spec.inquiry, processor, spec.template, spec.inquiries_per_row, 0)
+    plain = StageCollator(processor.tokenizer.pad_token_id, None, 0)(rows)
+    with_uir = StageCollator(processor.tokenizer.pad_token_id, inquiries, spec.uir_rows)(rows)
+    return trainer, plain, with_uir
+
+
+def step(trainer, batch) -> float:
+    started = time.perf_counter()
+    trainer.training_step(trainer.model, dict(batch))
+    trainer.model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def time_ratio(root: Path, wide: bool, steps: int, batch: int) -> tuple[float, float, float]:
+    trainer, plain, with_uir = setup(root, wide, batch)
+    trainer.model.train()
+    for _ in range(2):  # warm-up
+        step(trainer, plain), step(trainer, with_uir)
+    plain_t, uir_t = [], []
+    for _ in range(steps):
+        plain_t.append(step(trainer, plain))
+        uir_t.append(step(trainer, with_uir))
+    a, b = statistics.median(plain_t), statistics.median(uir_t)
+    return a, b, b / a
+
+
+def peak_rss_mib(root: Path, wide: bool, steps: int, batch: int, mode: str) -> float:
+    """Peak RSS of a child process that runs `steps` micro-steps in one mode only."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--probe",
+            mode,
+            "--root",
+            str(root),
+            "--steps",
+            str(steps),
+            "--batch",
+            str(batch),
+        ]
+        + (["--wide"] if wide else []),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def probe(args) -> None:
+    trainer, plain, with_uir = setup(args.root, args.wide, args.batch)
+    trainer.model.train()
+    for _ in range(args.steps):
+        step(trainer, with_uir if args.probe == "uir" else plain)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--probe", choices=("plain", "uir"), help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--wide", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        probe(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for wide in (False, True):
+            name = "wide (512 × 4)" if wide else "tiny (128 × 3)"
+            a, b, ratio = time_ratio(root, wide, args.steps, args.batch)
+            plain_mem = peak_rss_mib(root, wide, args.steps, args.batch, "plain")
+            uir_mem = peak_rss_mib(root, wide, args.steps, args.batch, "uir")
+            print(
+                f"{name}: step {1000 * a:.0f} ms without UIR, {1000 * b:.0f} ms with; "
+                f"time ratio {ratio:.3f} (target ≤ 1.15); peak RSS {plain_mem:.0f} → "
+                f"{uir_mem:.0f} MiB, ratio {uir_mem / plain_mem:.3f} (target ≤ 1.05)"
+            )
+
+
+if __name__ == "__main__":
+    main()
