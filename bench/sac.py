@@ -37,12 +37,12 @@ def timed(fn, repeat: int = 1) -> float:
 
 def sac_lowrank(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     factors = lowrank_factors(b, a, 2.0)
-    return rebuild(factors, consolidated_spectrum(factors, 0.2, "pad")[0])
+    return rebuild(factors, consolidated_spectrum(factors, 0.2, "pad")[0], torch.float32)
 
 
 def sac_dense(delta: torch.Tensor) -> torch.Tensor:
     factors = dense_factors(delta)
-    return rebuild(factors, consolidated_spectrum(factors, 0.2, "pad")[0])
+    return rebuild(factors, consolidated_spectrum(factors, 0.2, "pad")[0], torch.float32)
 
 
 def lowrank_vs_dense(shapes: list[tuple[int, int]], rank: int = 128) -> None:

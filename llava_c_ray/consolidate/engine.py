@@ -136,9 +136,9 @@ def consolidate_tensor(
     else:
         factors = factors_for(item, delta, lora, shape, request.factors_cache)
         sigma_tilde, k = consolidated_spectrum(factors, request.alpha, request.boundary)
-        new_delta = rebuild(factors, sigma_tilde)
+        new_delta = rebuild(factors, sigma_tilde, torch.float32)
         stats = spectrum_stats(item.name, factors, sigma_tilde, k)
-    return (base.double() + new_delta).to(base.dtype), stats
+    return (base.float() + new_delta.float()).to(base.dtype), stats
 
 
 def spectrum_stats(

@@ -71,9 +71,16 @@ def consolidated_spectrum(
     return sigma_tilde[: factors.S.shape[0]], k
 
 
-def rebuild(factors: Factors, sigma: torch.Tensor) -> torch.Tensor:
-    """U·diag(σ)·Vh reshaped to the parameter's shape."""
-    return ((factors.U * sigma.to(factors.U.dtype)) @ factors.Vh).reshape(factors.shape)
+def rebuild(
+    factors: Factors, sigma: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """U·diag(σ)·Vh reshaped to the parameter's shape, in `dtype` (default: the factors' own).
+
+    The engine rebuilds in float32: an r-term sum per entry keeps ~1e-7 relative error there at
+    half the time and memory of float64, and the rebuild dominates a low-rank consolidation."""
+    dtype = dtype or factors.U.dtype
+    scaled = factors.U.to(dtype) * sigma.to(dtype)
+    return (scaled @ factors.Vh.to(dtype)).reshape(factors.shape)
 
 
 def consolidated_delta(
