@@ -192,3 +192,29 @@ def test_more_actors_than_cpus_fails_before_any_trial(
             out=root / "too-many",
         )
     assert not (root / "too-many").exists()
+
+
+@pytest.mark.parametrize("sampler", ["random", "optuna"])
+def test_random_and_optuna_samplers_draw_alpha_within_the_bounds(
+    ray_cluster, grid_search, tiny_benchmark, tiny_checkpoint, sampler
+) -> None:
+    _, root, _ = grid_search
+    job = tiny_job(
+        tiny_benchmark, tiny_checkpoint, sampler=sampler, space=[0.1, 0.4], num_samples=3
+    )
+    names = [t.name for t in job.tasks]
+    result = search_alpha(
+        job,
+        new=names[:1],
+        old=[],
+        base=tiny_checkpoint,
+        factors=root / "factors",
+        out=root / sampler,
+    )
+    alphas = [t["alpha"] for t in result.trials]
+    assert len(alphas) == 3 and all(0.1 <= a <= 0.4 for a in alphas)
+    assert len(set(alphas)) == 3
+    assert (
+        result.best_alpha
+        == max(result.trials, key=lambda t: (t["objective"], -t["alpha"]))["alpha"]
+    )
