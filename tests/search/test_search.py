@@ -32,6 +32,18 @@ def tiny_job(benchmark: Path, model: Path, **search):
     )
 
 
+def search_first_task(job, base: Path, root: Path, name: str):
+    """A search for stage 1 (no old tasks) reusing the module's factor cache."""
+    return search_alpha(
+        job,
+        new=[job.tasks[0].name],
+        old=[],
+        base=base,
+        factors=root / "factors",
+        out=root / name,
+    )
+
+
 @pytest.fixture(scope="module")
 def grid_search(ray_cluster, tiny_benchmark, tiny_checkpoint, tiny_tuned_pair, tmp_path_factory):
     job = tiny_job(tiny_benchmark, tiny_checkpoint, compare_modelmix=True)
@@ -129,15 +141,7 @@ def test_side_paths_compute_like_the_merged_model(tiny_checkpoint, tiny_tuned_pa
 def test_asha_scores_growing_subsets(ray_cluster, tiny_benchmark, tiny_checkpoint, grid_search):
     job = tiny_job(tiny_benchmark, tiny_checkpoint, asha=True, space=[0.1, 0.5])
     _, root, _ = grid_search
-    names = [t.name for t in job.tasks]
-    result = search_alpha(
-        job,
-        new=names[:1],
-        old=[],
-        base=tiny_checkpoint,
-        factors=root / "factors",
-        out=root / "asha",
-    )
+    result = search_first_task(job, tiny_checkpoint, root, "asha")
     assert {t["rung"] for t in result.trials} <= {1, 2, 4}
     assert result.best_alpha in (0.1, 0.5)
     assert all(t["old"] is None for t in result.trials)
@@ -181,16 +185,8 @@ def test_more_actors_than_cpus_fails_before_any_trial(
     _, root, _ = grid_search
     cpus = int(ray.cluster_resources()["CPU"])
     job = tiny_job(tiny_benchmark, tiny_checkpoint, num_actors=cpus + 1)
-    names = [t.name for t in job.tasks]
     with pytest.raises(LlavaCError, match="needs as many CPUs"):
-        search_alpha(
-            job,
-            new=names[:1],
-            old=[],
-            base=tiny_checkpoint,
-            factors=root / "factors",
-            out=root / "too-many",
-        )
+        search_first_task(job, tiny_checkpoint, root, "too-many")
     assert not (root / "too-many").exists()
 
 
@@ -202,15 +198,7 @@ def test_random_and_optuna_samplers_draw_alpha_within_the_bounds(
     job = tiny_job(
         tiny_benchmark, tiny_checkpoint, sampler=sampler, space=[0.1, 0.4], num_samples=3
     )
-    names = [t.name for t in job.tasks]
-    result = search_alpha(
-        job,
-        new=names[:1],
-        old=[],
-        base=tiny_checkpoint,
-        factors=root / "factors",
-        out=root / sampler,
-    )
+    result = search_first_task(job, tiny_checkpoint, root, sampler)
     alphas = [t["alpha"] for t in result.trials]
     assert len(alphas) == 3 and all(0.1 <= a <= 0.4 for a in alphas)
     assert len(set(alphas)) == 3
