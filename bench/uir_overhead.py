@@ -31,7 +31,7 @@ def setup(root: Path, wide: bool, batch: int):
     from llava_c_ray.config import job_from_dict
     from llava_c_ray.data.synthetic.benchmark import generate_benchmark
     from llava_c_ray.model.tiny import TinyDims
-    from llava_c_ray.train.data import InquiryRows, StageCollator, TaskDataset
+    from llava_c_ray.train.data import InquiryRows, StageCollator
     from llava_c_ray.train.spec import StageSpec
     from llava_c_ray.train.trainer import StageTrainer
     from llava_c_ray.train.worker import build_optimizer, load_model
@@ -68,11 +68,35 @@ def setup(root: Path, wide: bool, batch: int):
     trainer.current_gradient_accumulation_steps = (
         1  # set by Trainer.train(); we call steps directly
     )
-    rows = [TaskDataset(spec.train_files, processor, spec.template, 2048)[i] for i in range(batch)]
+    rows = encoded_rows(spec, processor, batch)
     inquiries = InquiryRows(spec.inquiry, processor, spec.template, spec.inquiries_per_row, 0)
     plain = StageCollator(processor.tokenizer.pad_token_id, None, 0)(rows)
     with_uir = StageCollator(processor.tokenizer.pad_token_id, inquiries, spec.uir_rows)(rows)
     return trainer, plain, with_uir
+
+
+def encoded_rows(spec, processor, count: int) -> list[dict]:
+    """The first `count` training examples of the stage, encoded as the workers encode them."""
+    from PIL import Image
+
+    from llava_c_ray.data.records import load_records
+    from llava_c_ray.data.template import encode_example
+
+    source = spec.train_files[0]
+    rows = []
+    for record in load_records(source.path, source.image_folder)[:count]:
+        with Image.open(Path(source.image_folder) / record.image) as image:
+            rows.append(
+                encode_example(
+                    record,
+                    processor,
+                    image.convert("RGB"),
+                    spec.template,
+                    instruction=source.instruction,
+                    max_length=2048,
+                )
+            )
+    return rows
 
 
 def step(trainer, batch) -> float:

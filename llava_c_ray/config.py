@@ -154,8 +154,10 @@ class TrainingConfig(Section):
     """Report a Ray Train checkpoint every N optimizer steps."""
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts allowed per stage (resuming from the last checkpoint)."""
-    dataloader_workers: int = Field(default=0, ge=0)
-    """Background data-loading processes per training worker."""
+    prefetch_batches: int = Field(default=2, ge=0)
+    """Micro-batches Ray Data reads ahead of each training worker."""
+    shuffle_buffer: int = Field(default=256, gt=0)
+    """Rows of the worker's data shard shuffled together (reseeded every epoch)."""
 
     @property
     def effective_projector_lr(self) -> float:

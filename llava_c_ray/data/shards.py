@@ -3,7 +3,7 @@
 Workers on other nodes then need no shared image folder. `prepare_shards` writes
 `part-NNNNN.parquet` files and a `manifest.json` (counts, source sha256, schema version) into a
 temporary directory and renames it into place; `read_shards` gives the records and image bytes
-back; `ray_dataset` opens the shards as a Ray Data dataset.
+back; `ray_dataset` opens the shards of one or more directories as a Ray Data dataset.
 """
 
 from __future__ import annotations
@@ -96,27 +96,69 @@ def write_shard(records: list[Record], image_folder: Path | None, path: Path) ->
     return path.name
 
 
-def read_shards(directory: Path) -> Iterator[tuple[Record, bytes | None]]:
-    """Every record of a prepared directory with its image bytes (None for text-only records)."""
+def read_manifest(directory: Path) -> dict:
     manifest = Path(directory) / "manifest.json"
     if not manifest.is_file():
         raise LlavaCError(
             "no manifest.json", path=directory, fix="prepare it with `llava-c data prepare`"
         )
-    for shard in json.loads(manifest.read_text())["shards"]:
+    return json.loads(manifest.read_text())
+
+
+def read_shards(directory: Path) -> Iterator[tuple[Record, bytes | None]]:
+    """Every record of a prepared directory with its image bytes (None for text-only records)."""
+    for shard in read_manifest(directory)["shards"]:
         table = pq.read_table(Path(directory) / shard)
         for row in table.to_pylist():
-            raw = {
-                "id": row["id"],
-                "image": row["image"],
-                "conversations": json.loads(row["conversations"]),
-            }
-            yield Record.from_raw(raw), row["image_bytes"]
+            yield row_record(row), row["image_bytes"]
 
 
-def ray_dataset(directory: Path):
-    """The shards as a `ray.data.Dataset` (one row per record, image bytes included)."""
+def row_record(row: dict) -> Record:
+    """The record of one shard row (as read by pyarrow or Ray Data)."""
+    raw = {
+        "id": row["id"],
+        "image": row["image"],
+        "conversations": json.loads(row["conversations"]),
+    }
+    return Record.from_raw(raw)
+
+
+def is_current(directory: Path, source: Path) -> bool:
+    """Whether `directory` holds shards prepared from the current contents of `source`."""
+    manifest = Path(directory) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return json.loads(manifest.read_text())["source_sha256"] == digest
+
+
+def ray_dataset(directories: list[Path], *, seed: int | None = None):
+    """The shards of prepared directories as one `ray.data.Dataset` (one row per record, image
+    bytes and the shard's `path` included), rows in a fixed order: the files' own, or a seeded
+    shuffle of them when `seed` is given.
+
+    Read with Ray Data's file-based Parquet reader in tasks that hold no CPU: the newer reader
+    lists files in a task that needs one CPU, and on a machine whose CPUs all belong to Ray Train
+    workers that task never starts. Reading is I/O; the workers decode images and tokenize.
+    """
     import ray.data
+    from ray.data.datasource import FileShuffleConfig
 
-    manifest = json.loads((Path(directory) / "manifest.json").read_text())
-    return ray.data.read_parquet([str(Path(directory) / s) for s in manifest["shards"]])
+    files = [str(Path(d) / s) for d in directories for s in read_manifest(d)["shards"]]
+    context = ray.data.DataContext.get_current()
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        dataset = ray.data.read_parquet(
+            files,
+            num_cpus=0,
+            include_paths=True,
+            shuffle=(
+                FileShuffleConfig(seed=seed, reseed_after_execution=False)
+                if seed is not None
+                else None
+            ),
+        )
+    finally:
+        context.use_datasource_v2 = previous
+    dataset.context.execution_options.preserve_order = True
+    return dataset

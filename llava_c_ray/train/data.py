@@ -1,4 +1,4 @@
-"""Training data of a stage: encoded task examples, plus packed inquiry rows appended per micro-batch."""
+"""Inquiry rows of a stage: unlabeled prompts packed into rows and appended to every micro-batch."""
 
 from __future__ import annotations
 
@@ -7,52 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
 from llava_c_ray.data.collate import LlavaCollator
-from llava_c_ray.data.records import Record, load_records
+from llava_c_ray.data.records import load_records
 from llava_c_ray.data.template import IGNORE_INDEX, Template, prompt_text
-from llava_c_ray.train.spec import TrainFile
 from llava_c_ray.train.uir import pack_row
-
-
-class TaskDataset(Dataset):
-    """Records of one or more task files (several for `joint`), encoded on access."""
-
-    def __init__(
-        self, files: tuple[TrainFile, ...], processor: Any, template: Template, max_length: int
-    ):
-        self.items: list[tuple[Record, TrainFile]] = []
-        for f in files:
-            self.items += [(r, f) for r in load_records(f.path, f.image_folder, check_images=False)]
-        self.processor, self.template, self.max_length = processor, template, max_length
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from llava_c_ray.data.template import encode_example
-
-        record, source = self.items[index]
-        image = None
-        if record.image is not None:
-            with Image.open(Path(source.image_folder) / record.image) as img:
-                image = img.convert("RGB")
-        return encode_example(
-            record,
-            self.processor,
-            image,
-            self.template,
-            instruction=source.instruction,
-            max_length=self.max_length,
-        )
 
 
 class InquiryRows:
     """Unlabeled text-only inquiries as prompts, packed several to a row, handed out cyclically."""
 
-    def __init__(self, path: Path, processor: Any, template: Template, per_row: int, seed: int):
+    def __init__(
+        self, path: Path, processor: Any, template: Template, per_row: int, seed: int | str
+    ):
         records = load_records(path, None, require_answers=False, check_images=False)
         prompts = [prompt_text(r.question, template) for r in records]
         random.Random(seed).shuffle(prompts)

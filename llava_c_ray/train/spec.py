@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,16 @@ class TrainFile:
     path: Path
     image_folder: Path | None
     instruction: str = ""
+
+
+@dataclass(frozen=True)
+class StageData:
+    """A stage's training data as prepared Parquet shard directories (`data.shards`)."""
+
+    directories: tuple[Path, ...]
+    instructions: dict[str, str]
+    """Task instruction of each shard directory, by directory name."""
+    records: int
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,16 @@ class StageSpec:
     @property
     def gradient_accumulation(self) -> int:
         return self.training.global_batch // (self.training.per_device_batch * self.num_workers)
+
+    def optimizer_steps(self, records: int) -> int:
+        """`training.max_steps`, else enough optimizer steps to see every row `epochs` times: each
+        worker streams records // workers rows (Ray Data's equal split) in micro-batches of
+        `per_device_batch`, `gradient_accumulation` micro-batches to a step."""
+        t = self.training
+        if t.max_steps:
+            return t.max_steps
+        micro_batches = math.ceil((records // self.num_workers) / t.per_device_batch)
+        return max(1, math.ceil(t.epochs * micro_batches / self.gradient_accumulation))
 
     def to_dict(self) -> dict[str, Any]:
         return {

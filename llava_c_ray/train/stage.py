@@ -1,8 +1,10 @@
 """Run one training stage on Ray Train and bring its outputs (θ_t and the adapter) home.
 
-The driver validates every input first (start checkpoint, data files, images), then runs a
-`TorchTrainer` whose workers train with transformers' Trainer. A failed worker group restarts from
-the last reported checkpoint (`FailureConfig`), not from scratch.
+The driver validates every input first (start checkpoint, data files, images) and writes the
+training data as Parquet shards with the image bytes inside; Ray Data streams them to a
+`TorchTrainer`, one split per worker, whose workers train with transformers' Trainer. A failed
+worker group restarts from the last reported checkpoint (`FailureConfig`), not from scratch, and
+from the micro-batch that checkpoint had reached.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from llava_c_ray.data.records import load_records
+from llava_c_ray.data.shards import is_current, prepare_shards, ray_dataset, read_manifest
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.ray_session import ensure_ray
-from llava_c_ray.train.spec import StageSpec
+from llava_c_ray.train.spec import StageData, StageSpec
+
+SHARDS = "shards"
 
 
 @dataclass(frozen=True)
@@ -27,25 +32,48 @@ class StageResult:
     metrics: dict[str, Any]
 
 
-def check_inputs(spec: StageSpec) -> None:
-    """Fail before any training if the start checkpoint or any training record is unusable."""
+def check_inputs(spec: StageSpec) -> StageData:
+    """Fail before any training if the start checkpoint or any training record is unusable;
+    returns the training data as Parquet shards (validated, images inside) for Ray Data."""
     if not (Path(spec.init) / "config.json").is_file():
         raise LlavaCError(
             "start checkpoint not found (no config.json)",
             path=spec.init,
             fix="pass a Hugging Face LLaVA checkpoint directory as --init",
         )
-    for source in spec.train_files:
-        load_records(source.path, source.image_folder)
     if spec.inquiry is not None:
         load_records(spec.inquiry, None, require_answers=False)
+    data = prepare_data(spec)
+    if data.records // spec.num_workers == 0:
+        raise LlavaCError(
+            f"{data.records} training records cannot be split between {spec.num_workers} workers",
+            fix="lower cluster.num_workers or add training records",
+        )
+    return data
+
+
+def prepare_data(spec: StageSpec) -> StageData:
+    """Each training file as Parquet shards under `out/shards/`, reused while the file is unchanged."""
+    directories, instructions, records = [], {}, 0
+    for i, source in enumerate(spec.train_files):
+        path = Path(source.path)
+        directory = spec.out / SHARDS / f"{i:02d}-{path.parent.name}-{path.stem}"
+        if not is_current(directory, path):
+            prepare_shards(
+                path, source.image_folder, directory, records_per_shard=128, overwrite=True
+            )
+        directories.append(directory)
+        instructions[directory.name] = source.instruction
+        records += read_manifest(directory)["records"]
+    return StageData(tuple(directories), instructions, records)
 
 
 def run_stage(spec: StageSpec) -> StageResult:
     """Train one stage with `spec.num_workers` Ray Train workers; outputs land in `spec.out`."""
-    check_inputs(spec)
+    data = check_inputs(spec)
     ensure_ray()
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from llava_c_ray.train.worker import train_loop_per_worker
@@ -56,10 +84,13 @@ def run_stage(spec: StageSpec) -> StageResult:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "data": data, "steps": spec.optimizer_steps(data.records)},
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources
         ),
+        datasets={"train": ray_dataset(list(data.directories), seed=spec.training.seed)},
+        # Ordered splits: a resumed worker skips to the same rows it had reached.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=f"stage-{spec.name}",
             storage_path=str(storage),
@@ -72,7 +103,9 @@ def run_stage(spec: StageSpec) -> StageResult:
     with progress_bar(spec.out / PROGRESS_FILE, f"stage {spec.name}", spec.progress):
         result = fit(trainer)
     check_finite(result)
-    return collect_outputs(result, spec.out)
+    outputs = collect_outputs(result, spec.out)
+    shutil.rmtree(spec.out / SHARDS, ignore_errors=True)
+    return outputs
 
 
 def fit(trainer) -> Any:

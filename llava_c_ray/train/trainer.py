@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from llava_c_ray.errors import LlavaCError
@@ -89,6 +90,11 @@ class StageTrainer(Trainer):
         self.sums["micro_batches"] += 1
         self.sums["tokens"] += int(inputs["attention_mask"].sum())
         return (loss, outputs) if return_outputs else loss
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The stream's own micro-batches: Ray Data already split the data between workers, so
+        no sampler or accelerate sharding on top."""
+        return DataLoader(self.train_dataset, batch_size=None)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         n = self.sums["micro_batches"]

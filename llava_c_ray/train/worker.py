@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from llava_c_ray.config import TrainingConfig
-from llava_c_ray.train.spec import StageSpec
+from llava_c_ray.train.spec import StageData, StageSpec
 
 FINAL_MARKER = "final"
 NON_FINITE_MARKER = "non_finite_loss_step"
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def training_arguments(spec: StageSpec, output_dir: Path, rank: int):
+def training_arguments(spec: StageSpec, output_dir: Path, rank: int, steps: int):
     """TrainingArguments from the stage spec. Built before the model is loaded: with ZeRO-3 this
     registers the DeepSpeed config so `from_pretrained` partitions weights instead of loading them
     whole on every rank."""
@@ -32,8 +32,7 @@ def training_arguments(spec: StageSpec, output_dir: Path, rank: int):
         output_dir=str(output_dir),
         per_device_train_batch_size=t.per_device_batch,
         gradient_accumulation_steps=spec.gradient_accumulation,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
+        max_steps=steps,
         learning_rate=t.lr,
         weight_decay=t.weight_decay,
         lr_scheduler_type={"constant": "constant_with_warmup"}.get(t.schedule, t.schedule),
@@ -52,8 +51,9 @@ def training_arguments(spec: StageSpec, output_dir: Path, rank: int):
         ddp_backend=None if spec.use_gpu else "gloo",
         deepspeed=deepspeed_config(spec) if t.strategy == "deepspeed" else None,
         gradient_checkpointing=t.gradient_checkpointing,
-        dataloader_num_workers=t.dataloader_workers,
         remove_unused_columns=False,
+        # The data stream itself starts at the resumed micro-batch (`ShardStream.start`).
+        ignore_data_skip=True,
         disable_tqdm=rank != 0,
         # Full training reaches vision layers past `vision_feature_layer`, which get no gradient.
         ddp_find_unused_parameters=t.full_finetune,
@@ -148,40 +148,45 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers import AutoProcessor
 
-    from llava_c_ray.train.data import InquiryRows, StageCollator, TaskDataset
+    from llava_c_ray.train.data import StageCollator
     from llava_c_ray.train.progress import PROGRESS_FILE, ProgressFile
+    from llava_c_ray.train.stream import RowEncoder, ShardStream
     from llava_c_ray.train.trainer import NonFiniteLoss, StageTrainer
 
     spec: StageSpec = config["spec"]
+    data: StageData = config["data"]
     rank = ray.train.get_context().get_world_rank()
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(spec.out / "tensorboard")
     work = Path(tempfile.mkdtemp(prefix="llava-c-train-"))
-    args = training_arguments(spec, work / "trainer", rank)
+    resume, resumed_from = resume_dir(ray.train.get_checkpoint(), work)
+    args = training_arguments(spec, work / "trainer", rank, config["steps"])
     processor = AutoProcessor.from_pretrained(spec.init)
     model = load_model(spec)
-    inquiries = None
-    if spec.uir_weight > 0 and spec.inquiry is not None:
-        inquiries = InquiryRows(
-            spec.inquiry,
-            processor,
-            spec.template,
-            spec.inquiries_per_row,
-            spec.training.seed + rank,
-        )
     trainer = StageTrainer(
         model=model,
         args=args,
-        train_dataset=TaskDataset(
-            spec.train_files, processor, spec.template, spec.training.max_length
+        train_dataset=ShardStream(
+            ray.train.get_dataset_shard("train"),
+            batch_size=spec.training.per_device_batch,
+            encode=RowEncoder(
+                processor, spec.template, spec.training.max_length, data.instructions
+            ),
+            collate=StageCollator(
+                processor.tokenizer.pad_token_id,
+                inquiry_rows(spec, processor, f"{spec.training.seed}-{rank}-{resumed_from}"),
+                spec.uir_rows,
+            ),
+            seed=spec.training.seed,
+            start=resumed_from * spec.gradient_accumulation,
+            shuffle_buffer=spec.training.shuffle_buffer,
+            prefetch_batches=spec.training.prefetch_batches,
         ),
-        data_collator=StageCollator(processor.tokenizer.pad_token_id, inquiries, spec.uir_rows),
         optimizers=(build_optimizer(model, spec.training), None),
         callbacks=[RayTrainReportCallback()]
         + ([ProgressFile(spec.out / PROGRESS_FILE)] if rank == 0 else []),
         uir_weight=spec.uir_weight,
     )
     trainer = prepare_trainer(trainer)
-    resume, resumed_from = resume_dir(ray.train.get_checkpoint(), work)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except NonFiniteLoss as exc:
@@ -192,6 +197,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     report_final(trainer, spec, processor, rank, work, resumed_from)
     shutil.rmtree(work, ignore_errors=True)
     return None
+
+
+def inquiry_rows(spec: StageSpec, processor, seed: str):
+    """The stage's packed inquiry rows, or None when UIR is off. A resumed worker draws a fresh
+    order (`seed` names the resumed step): inquiries are regularisation samples, not a data
+    position to restore."""
+    from llava_c_ray.train.data import InquiryRows
+
+    if spec.uir_weight == 0 or spec.inquiry is None:
+        return None
+    return InquiryRows(spec.inquiry, processor, spec.template, spec.inquiries_per_row, seed)
 
 
 def resume_dir(checkpoint, work: Path) -> tuple[str | None, int]:

@@ -71,6 +71,6 @@ def test_ray_dataset_reads_every_record(tiny_benchmark: Path, tmp_path: Path, ra
 
     source = tiny_benchmark / "icon_count" / "val.json"
     out = prepare_shards(source, tiny_benchmark / "images", tmp_path / "s", records_per_shard=2)
-    rows = ray_dataset(out).take_all()
+    rows = ray_dataset([out]).take_all()
     assert sorted(r["id"] for r in rows) == sorted(r.id for r, _ in read_shards(out))
     assert all(r["image_bytes"] for r in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -133,8 +134,11 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(
         while time.time() < deadline and not list(out.glob("ray_train/*/checkpoint_*")):
             time.sleep(0.2)
         time.sleep(3)
-        for proc in psutil.process_iter(["cmdline"]):
-            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+        # Only this session's Ray (its raylet is a child of this process), not another on the machine.
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "RayTrainWorker" not in " ".join(proc.cmdline()):
+                    continue
                 os.kill(proc.pid, signal.SIGKILL)
                 killed.append(proc.pid)
                 return

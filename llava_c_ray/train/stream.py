@@ -1,0 +1,95 @@
+"""A worker's share of the stage data: its Ray Data shard as encoded micro-batches, epoch after epoch.
+
+The driver hands Ray Train one dataset of Parquet shards (`data.shards.ray_dataset`); Ray Train
+splits it into one streaming shard per worker. `ShardStream` reads this worker's shard, reshuffles
+it every epoch with a seed, and encodes and collates each micro-batch. The stream never ends: the
+stage stops at its optimizer-step count. A resumed stage starts the stream at the micro-batch it
+had reached, skipping the rows before it without decoding them.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import IterableDataset
+
+from llava_c_ray.data.shards import row_record
+from llava_c_ray.data.template import Template, encode_example
+from llava_c_ray.errors import LlavaCError
+
+
+@dataclass(frozen=True)
+class RowEncoder:
+    """Encodes one shard row; the task instruction is looked up by the shard's directory name."""
+
+    processor: Any
+    template: Template
+    max_length: int
+    instructions: dict[str, str]
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        image = None
+        if row["image_bytes"] is not None:
+            with Image.open(io.BytesIO(row["image_bytes"])) as img:
+                image = img.convert("RGB")
+        return encode_example(
+            row_record(row),
+            self.processor,
+            image,
+            self.template,
+            instruction=self.instructions[Path(row["path"]).parent.name],
+            max_length=self.max_length,
+        )
+
+
+class ShardStream(IterableDataset):
+    """Collated micro-batches of one worker's Ray Data shard, from micro-batch `start` on."""
+
+    def __init__(
+        self,
+        shard: Any,
+        *,
+        batch_size: int,
+        encode: Callable[[dict[str, Any]], dict[str, Any]],
+        collate: Callable[[list[dict[str, Any]]], Any],
+        seed: int,
+        start: int = 0,
+        shuffle_buffer: int = 256,
+        prefetch_batches: int = 2,
+    ):
+        self.shard, self.batch_size, self.encode, self.collate = shard, batch_size, encode, collate
+        self.seed, self.start = seed, start
+        self.shuffle_buffer, self.prefetch_batches = shuffle_buffer, prefetch_batches
+
+    def epoch(self, number: int) -> Iterator[list[dict[str, Any]]]:
+        """The raw rows of one pass over the shard, in micro-batches, shuffled with seed + epoch."""
+        for batch in self.shard.iter_batches(
+            batch_size=self.batch_size,
+            batch_format="pyarrow",
+            prefetch_batches=self.prefetch_batches,
+            local_shuffle_buffer_size=max(self.shuffle_buffer, self.batch_size),
+            local_shuffle_seed=self.seed + number,
+        ):
+            yield batch.to_pylist()
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = itertools.chain.from_iterable(self.non_empty_epoch(n) for n in itertools.count())
+        for rows in itertools.islice(batches, self.start, None):
+            yield self.collate([self.encode(row) for row in rows])
+
+    def non_empty_epoch(self, number: int) -> Iterator[list[dict[str, Any]]]:
+        empty = True
+        for rows in self.epoch(number):
+            empty = False
+            yield rows
+        if empty:
+            raise LlavaCError(
+                "this training worker's data shard is empty",
+                fix="use fewer cluster.num_workers or more training records",
+            )

@@ -1,0 +1,97 @@
+"""The stage data stream: Ray Data shards → per-epoch shuffled micro-batches, resumable by position;
+and the optimizer-step count of a stage."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from llava_c_ray.config import TrainingConfig
+from llava_c_ray.data.shards import prepare_shards, ray_dataset
+from llava_c_ray.errors import LlavaCError
+from llava_c_ray.train.spec import StageSpec
+from llava_c_ray.train.stream import ShardStream
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_benchmark: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tiny_benchmark / "icon_count" / "train.json"
+    out = tmp_path_factory.mktemp("stream") / "00-icon_count-train"
+    return prepare_shards(source, tiny_benchmark / "images", out, records_per_shard=8)
+
+
+def ids_stream(shard, **kwargs) -> ShardStream:
+    return ShardStream(
+        shard, batch_size=4, encode=lambda row: row["id"], collate=list, seed=3, **kwargs
+    )
+
+
+def first(stream: ShardStream, count: int) -> list[list[str]]:
+    return list(itertools.islice(stream, count))
+
+
+@pytest.mark.integration
+def test_epochs_reshuffle_and_a_resumed_stream_continues_where_it_stopped(
+    ray_cluster, shards: Path
+) -> None:
+    dataset = ray_dataset([shards], seed=0)
+    records = dataset.count()
+    per_epoch = -(-records // 4)
+    batches = first(ids_stream(dataset.iterator()), 2 * per_epoch + 3)
+    epochs = [sum(batches[i * per_epoch : (i + 1) * per_epoch], []) for i in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == records
+    assert epochs[0] != epochs[1], "the second epoch must be reshuffled"
+    assert batches == first(ids_stream(dataset.iterator()), len(batches)), "seeded"
+    start = per_epoch + 2  # past an epoch boundary
+    assert first(ids_stream(dataset.iterator(), start=start), 4) == batches[start : start + 4]
+
+
+@pytest.mark.integration
+def test_an_empty_shard_is_an_error(ray_cluster, shards: Path) -> None:
+    empty = ray_dataset([shards]).limit(0)
+    with pytest.raises(LlavaCError, match="data shard is empty"):
+        first(ids_stream(empty.iterator()), 1)
+
+
+def spec(shape: tuple[int, int, int], epochs: float) -> StageSpec:
+    workers, per_device, accumulation = shape
+    training = TrainingConfig(
+        per_device_batch=per_device,
+        global_batch=per_device * workers * accumulation,
+        epochs=epochs,
+    )
+    return StageSpec(
+        name="t",
+        init=Path("."),
+        out=Path("."),
+        train_files=(),
+        training=training,
+        num_workers=workers,
+    )
+
+
+@given(
+    st.integers(1, 5000),
+    st.tuples(st.integers(1, 4), st.integers(1, 8), st.integers(1, 8)),
+    st.sampled_from([0.5, 1.0, 2.0, 3.0]),
+)
+def test_optimizer_steps_cover_the_epochs_by_less_than_a_step(records, shape, epochs) -> None:
+    workers, per_device, accumulation = shape
+    assume(records >= workers)  # fewer records than workers is refused before training
+    steps = spec(shape, epochs).optimizer_steps(records)
+    micro_batches = -(-(records // workers) // per_device)  # one worker's, per epoch
+    consumed = steps * accumulation
+    assert consumed >= epochs * micro_batches  # every row seen `epochs` times
+    assert consumed < epochs * micro_batches + accumulation  # by less than one step more
+
+
+def test_max_steps_overrides_epochs() -> None:
+    stage = spec((2, 4, 2), 3.0)
+    stage = StageSpec(
+        **{**stage.__dict__, "training": stage.training.model_copy(update={"max_steps": 7})}
+    )
+    assert stage.optimizer_steps(10_000) == 7
