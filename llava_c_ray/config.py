@@ -64,7 +64,7 @@ class TaskConfig(Section):
     name: str = Field(pattern=TASK_NAME_PATTERN)
     """Short unique task name; used in stage directory names."""
     train: Path
-    """Training split (LLaVA JSON/JSONL)."""
+    """Training split: LLaVA JSON/JSONL, or a directory written by `llava-c data prepare`."""
     val: Path | None = None
     """Validation split, used by the α search (never the test split)."""
     test: Path

@@ -24,7 +24,7 @@ class StageData:
 
     directories: tuple[Path, ...]
     instructions: dict[str, str]
-    """Task instruction of each shard directory, by directory name."""
+    """Task instruction of each shard directory, by its absolute path."""
     records: int
 
 

@@ -19,7 +19,7 @@ from llava_c_ray.data.records import load_records
 from llava_c_ray.data.shards import is_current, prepare_shards, ray_dataset, read_manifest
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.ray_session import ensure_ray
-from llava_c_ray.train.spec import StageData, StageSpec
+from llava_c_ray.train.spec import StageData, StageSpec, TrainFile
 
 SHARDS = "shards"
 
@@ -53,19 +53,25 @@ def check_inputs(spec: StageSpec) -> StageData:
 
 
 def prepare_data(spec: StageSpec) -> StageData:
-    """Each training file as Parquet shards under `out/shards/`, reused while the file is unchanged."""
+    """Each training source as Parquet shards: a directory from `llava-c data prepare` as it is, a
+    JSON/JSONL file written under `out/shards/` (reused while the file is unchanged)."""
     directories, instructions, records = [], {}, 0
     for i, source in enumerate(spec.train_files):
-        path = Path(source.path)
-        directory = spec.out / SHARDS / f"{i:02d}-{path.parent.name}-{path.stem}"
-        if not is_current(directory, path):
-            prepare_shards(
-                path, source.image_folder, directory, records_per_shard=128, overwrite=True
-            )
+        directory = shard_directory(source, spec.out / SHARDS / f"{i:02d}")
         directories.append(directory)
-        instructions[directory.name] = source.instruction
+        instructions[str(directory)] = source.instruction
         records += read_manifest(directory)["records"]
     return StageData(tuple(directories), instructions, records)
+
+
+def shard_directory(source: TrainFile, cache: Path) -> Path:
+    path = Path(source.path).absolute()
+    if path.is_dir():
+        read_manifest(path)
+        return path
+    if not is_current(cache, path):
+        prepare_shards(path, source.image_folder, cache, records_per_shard=128, overwrite=True)
+    return cache.absolute()
 
 
 def run_stage(spec: StageSpec) -> StageResult:

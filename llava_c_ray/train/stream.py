@@ -26,7 +26,7 @@ from llava_c_ray.errors import LlavaCError
 
 @dataclass(frozen=True)
 class RowEncoder:
-    """Encodes one shard row; the task instruction is looked up by the shard's directory name."""
+    """Encodes one shard row; the task instruction is looked up by the shard's directory."""
 
     processor: Any
     template: Template
@@ -43,7 +43,7 @@ class RowEncoder:
             self.processor,
             image,
             self.template,
-            instruction=self.instructions[Path(row["path"]).parent.name],
+            instruction=self.instructions[str(Path(row["path"]).parent)],
             max_length=self.max_length,
         )
 

@@ -11,9 +11,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from llava_c_ray.config import TrainingConfig
-from llava_c_ray.data.shards import prepare_shards, ray_dataset
+from llava_c_ray.data.records import load_records
+from llava_c_ray.data.shards import prepare_shards, ray_dataset, read_manifest
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.train.spec import StageSpec
+from llava_c_ray.train.spec import StageSpec, TrainFile
+from llava_c_ray.train.stage import SHARDS, prepare_data
 from llava_c_ray.train.stream import ShardStream
 
 
@@ -95,3 +97,35 @@ def test_max_steps_overrides_epochs() -> None:
         **{**stage.__dict__, "training": stage.training.model_copy(update={"max_steps": 7})}
     )
     assert stage.optimizer_steps(10_000) == 7
+
+
+@pytest.mark.integration
+def test_stage_data_from_json_and_prepared_shards(
+    ray_cluster, tiny_benchmark: Path, shards: Path, tmp_path: Path
+) -> None:
+    source = tiny_benchmark / "attributes" / "train.json"
+    stage = StageSpec(
+        name="joint",
+        init=Path("."),
+        out=tmp_path,
+        train_files=(
+            TrainFile(source, tiny_benchmark / "images", "Answer with one word."),
+            TrainFile(shards, None, "Answer with the letter."),
+        ),
+        training=TrainingConfig(),
+    )
+    data = prepare_data(stage)
+    written = tmp_path / SHARDS / "00"
+    assert data.directories == (written, shards)
+    assert (
+        data.records
+        == len(load_records(source, check_images=False)) + read_manifest(shards)["records"]
+    )
+    stamp = (written / "manifest.json").stat().st_mtime_ns
+    assert prepare_data(stage) == data
+    assert (written / "manifest.json").stat().st_mtime_ns == stamp, "unchanged file: reused"
+    rows = ray_dataset(list(data.directories)).take_all()
+    assert {data.instructions[str(Path(r["path"]).parent)] for r in rows} == {
+        "Answer with one word.",
+        "Answer with the letter.",
+    }
