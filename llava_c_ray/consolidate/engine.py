@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from llava_c_ray.consolidate.lowrank import (
     Factors,
@@ -26,10 +27,10 @@ from llava_c_ray.consolidate.lowrank import (
 from llava_c_ray.consolidate.plan import Item, plan_adapter, plan_tuned
 from llava_c_ray.consolidate.spectral import BOUNDARIES, modelmix
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.model.safetensors_io import INDEX_NAME, LazyCheckpoint, ShardWriter
+from llava_c_ray.model.safetensors_io import INDEX_NAME, LazyCheckpoint, ShardWriter, dtype_bytes
 
 METHODS = ("sac", "modelmix")
-GROUP_ELEMENTS = 1 << 22  # tensors are sent to Ray in groups of about this many elements
+GROUP_ELEMENTS = 1 << 25  # tensors go to Ray tasks in groups of about this many elements
 SPECTRUM_KEEP = 32  # leading singular values kept in sac_stats.json for spectrum plots
 
 
@@ -106,8 +107,6 @@ def factors_for(item: Item, delta, lora, shape, cache: Path | None) -> Factors:
         return Factors(t["U"], t["S"], t["Vh"], shape)
     factors = lowrank_factors(*lora, shape=shape) if lora is not None else dense_factors(delta)
     if cached is not None:
-        from safetensors.torch import save_file
-
         cached.parent.mkdir(parents=True, exist_ok=True)
         save_file(
             {"U": factors.U.contiguous(), "S": factors.S, "Vh": factors.Vh.contiguous()},
@@ -162,33 +161,41 @@ def spectrum_stats(
 
 
 def consolidate_group(
-    request: Request, items: list[Item]
-) -> list[tuple[str, torch.Tensor, dict | None]]:
-    """Consolidate a group of tensors, reading each lazily (runs inside a Ray task)."""
+    request: Request, items: list[Item], part: Path
+) -> tuple[list[str], int, list[dict]]:
+    """Consolidate a group of tensors, read one at a time, into the shard file `part` (runs inside
+    a Ray task, so no tensor crosses the object store); returns the names, their bytes, the stats."""
     base = LazyCheckpoint(request.base)
     tuned = LazyCheckpoint(request.tuned) if request.tuned else None
     adapter = (
         LazyCheckpoint(request.adapter, "adapter_model.safetensors") if request.adapter else None
     )
-    results = []
+    tensors, stats = {}, []
     for item in items:
         weight = base.get(item.name)
         delta, lora = change_of(item, weight, tuned, adapter)
-        tensor, stats = consolidate_tensor(item, weight, delta, lora, request)
-        results.append((item.name, tensor, stats))
-    return results
+        tensor, stat = consolidate_tensor(item, weight, delta, lora, request)
+        tensors[item.name] = tensor.contiguous()
+        stats += [stat] if stat is not None else []
+    save_file(tensors, str(part), metadata={"format": "pt"})
+    return list(tensors), sum(t.numel() * t.element_size() for t in tensors.values()), stats
 
 
-def group_items(items: list[Item], base: LazyCheckpoint) -> list[list[Item]]:
-    """Batches of about GROUP_ELEMENTS elements, so Ray's per-task overhead stays small."""
-    groups, current, size = [], [], 0
+def group_items(items: list[Item], base: LazyCheckpoint, max_bytes: int) -> list[list[Item]]:
+    """Batches of about GROUP_ELEMENTS elements (so Ray's per-task overhead stays small) and at
+    most `max_bytes` of output (each batch becomes one shard)."""
+    groups, current, elements, size = [], [], 0, 0
     for item in items:
-        shape, _ = base.meta(item.name)
-        current.append(item)
-        size += int(torch.Size(shape).numel())
-        if size >= GROUP_ELEMENTS:
+        shape, dtype = base.meta(item.name)
+        count = int(torch.Size(shape).numel())
+        if current and (
+            elements + count > GROUP_ELEMENTS or size + count * dtype_bytes(dtype) > max_bytes
+        ):
             groups.append(current)
-            current, size = [], 0
+            current, elements, size = [], 0, 0
+        current.append(item)
+        elements += count
+        size += count * dtype_bytes(dtype)
     return groups + ([current] if current else [])
 
 
@@ -239,7 +246,9 @@ def consolidate_checkpoint(
 def write_consolidated(
     request: Request, items: list[Item], writer: ShardWriter, num_cpus: int | None, progress: bool
 ) -> list[dict]:
-    """Changed tensors go through Ray tasks; untouched base tensors are streamed straight across."""
+    """Changed tensors go to Ray tasks that write their own shards into the output directory
+    (which every node must see, like the inputs); meanwhile the driver streams the untouched base
+    tensors across."""
     import ray
     from tqdm import tqdm
 
@@ -250,32 +259,32 @@ def write_consolidated(
     changed = {item.name for item in items}
     task = ray.remote(num_cpus=1, max_retries=3)(consolidate_group)
     window = num_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
-    pending, stats = [], []
-    groups = group_items(items, base)
+    groups = list(enumerate(group_items(items, base, writer.max_shard_bytes)))
+    parts: dict[Any, Path] = {}
+    stats: list[dict] = []
     bar = tqdm(total=len(base.keys()), desc="consolidate", unit="tensor", disable=not progress)
+
+    def submit() -> None:
+        while groups and len(parts) < window:
+            index, group = groups.pop(0)
+            part = writer.root / f"group-{index:05d}.safetensors"
+            parts[task.remote(request, group, part)] = part
+
+    submit()
     for name in base.keys():
         if name not in changed:
             writer.add(name, base.get(name))
             bar.update()
-    for group in groups:
-        pending.append(task.remote(request, group))
-        if len(pending) >= window:
-            pending = drain(pending, writer, stats, bar, ray, wait_for=1)
-    drain(pending, writer, stats, bar, ray, wait_for=len(pending))
+    while parts:
+        (ref,), _ = ray.wait(list(parts), num_returns=1)
+        names, size, group_stats = ray.get(ref)
+        writer.adopt(parts.pop(ref), names, size)
+        stats += group_stats
+        bar.update(len(names))
+        submit()
     writer.close()
     bar.close()
     return stats
-
-
-def drain(pending: list, writer: ShardWriter, stats: list, bar, ray, wait_for: int) -> list:
-    done, pending = ray.wait(pending, num_returns=wait_for)
-    for ref in done:
-        for name, tensor, stat in ray.get(ref):
-            writer.add(name, tensor)
-            if stat is not None:
-                stats.append(stat)
-            bar.update()
-    return pending
 
 
 def copy_side_files(base: Path, out: Path) -> None:

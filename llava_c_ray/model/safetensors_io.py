@@ -8,6 +8,7 @@ numbered shards and writes the index, so a checkpoint is never held in memory wh
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,15 +86,23 @@ class LazyCheckpoint:
         return sorted(set(self.weight_map.values()))
 
 
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name (`F32`, `BF16`, `F8_E4M3`, `BOOL`, ...)."""
+    bits = re.search(r"\d+", dtype)
+    return int(bits.group()) // 8 if bits else 1
+
+
 @dataclass
 class ShardWriter:
-    """Writes tensors in arrival order into shards of at most `max_shard_bytes`, then the index."""
+    """Writes tensors in arrival order into shards of at most `max_shard_bytes`, then the index.
+
+    Shards written elsewhere into `root` (by parallel workers) join through `adopt`."""
 
     root: Path
     max_shard_bytes: int = 2 << 30
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
     pending_bytes: int = 0
-    shards: list[list[str]] = field(default_factory=list)
+    shards: list[tuple[Path, list[str]]] = field(default_factory=list)
     total_bytes: int = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -107,23 +116,24 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        number = len(self.shards) + 1
-        save_file(
-            self.pending,
-            str(self.root / f"part-{number:05d}.safetensors"),
-            metadata={"format": "pt"},
-        )
-        self.shards.append(list(self.pending))
+        part = self.root / f"part-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.pending, str(part), metadata={"format": "pt"})
+        self.shards.append((part, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
+
+    def adopt(self, part: Path, names: list[str], size: int) -> None:
+        """Count a shard file that was written into `root` by someone else as one of these."""
+        self.shards.append((part, names))
+        self.total_bytes += size
 
     def close(self) -> None:
         """Name the shards `model-0000i-of-0000n.safetensors` and write the index."""
         self.flush()
         count = len(self.shards)
         weight_map = {}
-        for number, names in enumerate(self.shards, start=1):
+        for number, (part, names) in enumerate(self.shards, start=1):
             final = f"model-{number:05d}-of-{count:05d}.safetensors"
-            (self.root / f"part-{number:05d}.safetensors").rename(self.root / final)
+            part.rename(self.root / final)
             weight_map |= dict.fromkeys(names, final)
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.model.safetensors_io import INDEX_NAME, LazyCheckpoint, ShardWriter
+from llava_c_ray.model.safetensors_io import INDEX_NAME, LazyCheckpoint, ShardWriter, dtype_bytes
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -39,6 +39,40 @@ def test_sharded_round_trip(tmp_path: Path) -> None:
     assert checkpoint.meta("norm.bias") == ((8,), "BF16")
     for name, tensor in tensors.items():
         assert torch.equal(checkpoint.get(name), tensor)
+
+
+def test_adopted_shards_join_the_index(tmp_path: Path) -> None:
+    tensors = sample_tensors()
+    names = list(tensors)
+    writer = ShardWriter(tmp_path)
+    writer.add(names[0], tensors[names[0]])
+    save_file({n: tensors[n] for n in names[1:]}, str(tmp_path / "group-00000.safetensors"))
+    writer.adopt(tmp_path / "group-00000.safetensors", names[1:], 0)
+    writer.close()
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    checkpoint = LazyCheckpoint(tmp_path)
+    assert sorted(checkpoint.keys()) == sorted(names)
+    assert all(torch.equal(checkpoint.get(n), t) for n, t in tensors.items())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "size"),
+    [
+        ("F64", 8),
+        ("F32", 4),
+        ("BF16", 2),
+        ("F16", 2),
+        ("F8_E4M3", 1),
+        ("I64", 8),
+        ("U8", 1),
+        ("BOOL", 1),
+    ],
+)
+def test_dtype_bytes(dtype: str, size: int) -> None:
+    assert dtype_bytes(dtype) == size
 
 
 def test_single_file_checkpoint(tmp_path: Path) -> None:
