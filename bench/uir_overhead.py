@@ -1,6 +1,6 @@
 """UIR cost (issue 4), measured side by side in one run. Prints ratios, asserts nothing.
 
-    .venv/bin/python bench/uir_overhead.py [--steps 12] [--batch 8]
+    .venv/bin/python bench/uir_overhead.py [--steps 12] [--batch 16]
 
 For the tiny model and a wider CPU model (language model 512 wide, 4 layers), one training
 micro-step (forward + backward through the real `StageTrainer.training_step`) on the same
@@ -153,7 +153,7 @@ def probe(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16, help="micro-batch (the job default is 16)")
     parser.add_argument("--probe", choices=("plain", "uir"), help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--wide", action="store_true", help=argparse.SUPPRESS)

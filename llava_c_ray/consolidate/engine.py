@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 
 from llava_c_ray.consolidate.lowrank import (
     Factors,
+    add_rebuilt,
     consolidated_spectrum,
     dense_factors,
     lowrank_factors,
-    rebuild,
 )
 from llava_c_ray.consolidate.plan import Item, plan_adapter, plan_tuned
 from llava_c_ray.consolidate.spectral import BOUNDARIES, modelmix
@@ -122,22 +122,18 @@ def consolidate_tensor(
     if delta is None and lora is None:
         return base, None
     shape = tuple(base.shape)
-    if request.method == "modelmix" or base.dim() < 2:
-        if delta is None:
-            b, a, s = lora
-            delta = (
-                s * b.double().reshape(b.shape[0], -1) @ a.double().reshape(a.shape[0], -1)
-            ).reshape(shape)
-        new_delta, stats = (
-            modelmix(delta, request.alpha),
-            {"name": item.name, "shape": shape, "rule": "modelmix"},
-        )
-    else:
+    if request.method != "modelmix" and base.dim() >= 2:
         factors = factors_for(item, delta, lora, shape, request.factors_cache)
         sigma_tilde, k = consolidated_spectrum(factors, request.alpha, request.boundary)
-        new_delta = rebuild(factors, sigma_tilde, torch.float32)
         stats = spectrum_stats(item.name, factors, sigma_tilde, k)
-    return (base.float() + new_delta.float()).to(base.dtype), stats
+        return add_rebuilt(base, factors, sigma_tilde), stats
+    if delta is None:
+        b, a, s = lora
+        delta = (
+            s * b.double().reshape(b.shape[0], -1) @ a.double().reshape(a.shape[0], -1)
+        ).reshape(shape)
+    stats = {"name": item.name, "shape": shape, "rule": "modelmix"}
+    return (base.float() + modelmix(delta, request.alpha).float()).to(base.dtype), stats
 
 
 def spectrum_stats(
@@ -181,21 +177,24 @@ def consolidate_group(
     return list(tensors), sum(t.numel() * t.element_size() for t in tensors.values()), stats
 
 
-def group_items(items: list[Item], base: LazyCheckpoint, max_bytes: int) -> list[list[Item]]:
-    """Batches of about GROUP_ELEMENTS elements (so Ray's per-task overhead stays small) and at
-    most `max_bytes` of output (each batch becomes one shard)."""
+def group_items(
+    items: list[Item], base: LazyCheckpoint, max_bytes: int, min_groups: int = 1
+) -> list[list[Item]]:
+    """Batches of tensors, each becoming one Ray task and one output shard: about GROUP_ELEMENTS
+    elements (so Ray's per-task overhead stays small), at most `max_bytes` of output, and small
+    enough that there are at least `min_groups` batches to spread over the workers."""
+    metas = [base.meta(item.name) for item in items]
+    counts = [int(torch.Size(shape).numel()) for shape, _ in metas]
+    limit = min(GROUP_ELEMENTS, -(-sum(counts) // min_groups))
     groups, current, elements, size = [], [], 0, 0
-    for item in items:
-        shape, dtype = base.meta(item.name)
-        count = int(torch.Size(shape).numel())
-        if current and (
-            elements + count > GROUP_ELEMENTS or size + count * dtype_bytes(dtype) > max_bytes
-        ):
+    for item, count, (_, dtype) in zip(items, counts, metas, strict=True):
+        nbytes = count * dtype_bytes(dtype)
+        if current and (elements + count > limit or size + nbytes > max_bytes):
             groups.append(current)
             current, elements, size = [], 0, 0
         current.append(item)
         elements += count
-        size += count * dtype_bytes(dtype)
+        size += nbytes
     return groups + ([current] if current else [])
 
 
@@ -259,7 +258,7 @@ def write_consolidated(
     changed = {item.name for item in items}
     task = ray.remote(num_cpus=1, max_retries=3)(consolidate_group)
     window = num_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
-    groups = list(enumerate(group_items(items, base, writer.max_shard_bytes)))
+    groups = list(enumerate(group_items(items, base, writer.max_shard_bytes, 2 * window)))
     parts: dict[Any, Path] = {}
     stats: list[dict] = []
     bar = tqdm(total=len(base.keys()), desc="consolidate", unit="tensor", disable=not progress)

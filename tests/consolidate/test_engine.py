@@ -175,3 +175,22 @@ def test_interrupted_run_leaves_no_output(
             tiny_checkpoint, tmp_path / "out", adapter=tuned_pair[0], progress=False
         )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("min_groups", "max_bytes"), [(1, 1 << 30), (4, 1 << 30), (1, 3 * 64 * 64 * 4)]
+)
+def test_groups_cover_every_tensor_once_within_their_limits(
+    tmp_path: Path, min_groups: int, max_bytes: int
+) -> None:
+    from safetensors.torch import save_file
+
+    from llava_c_ray.consolidate.plan import Item
+
+    tensors = {f"layers.{i}.weight": torch.zeros(64, 64) for i in range(8)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    items = [Item(name=name, kind="tuned") for name in tensors]
+    groups = engine.group_items(items, LazyCheckpoint(tmp_path), max_bytes, min_groups)
+    assert [item for group in groups for item in group] == items
+    assert len(groups) >= min_groups
+    assert all(len(group) * 64 * 64 * 4 <= max_bytes for group in groups)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llava_c_ray.consolidate.lowrank import (
+    add_rebuilt,
     consolidated_delta,
     consolidated_spectrum,
     dense_factors,
@@ -72,3 +73,19 @@ def test_consolidated_delta_of_a_vector_is_modelmix() -> None:
     torch.testing.assert_close(consolidated_delta(0.2, delta=vector), 0.2 * vector.double())
     with pytest.raises(ValueError, match="exactly one"):
         consolidated_delta(0.2)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_add_rebuilt_equals_the_float64_sum_in_the_weight_dtype(dtype, tolerance) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 40, generator=gen).to(dtype)
+    factors = lowrank_factors(
+        torch.randn(48, 6, generator=gen), torch.randn(6, 40, generator=gen), 0.5
+    )
+    sigma = consolidated_spectrum(factors, 0.3, "pad")[0]
+    expected = weight.double() + rebuild(factors, sigma)
+    got = add_rebuilt(weight, factors, sigma)
+    assert got.dtype == dtype and got.shape == weight.shape
+    assert torch.allclose(
+        got.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max()
+    )
