@@ -1,8 +1,11 @@
 """Consolidate a whole checkpoint: tensor by tensor, spread over Ray tasks, into a new HF checkpoint.
 
 W̃_t = W̃_{t-1} + U·diag(σ̃)·Vᵀ for every changed matrix (SAC), α·Δ for 1-D tensors and ModelMix,
-unchanged tensors copied byte for byte. Inputs are checked before any output is written; the output
-is built in a temporary sibling directory and renamed into place only when complete.
+unchanged tensors copied byte for byte. Changed tensors are consolidated in groups by Ray tasks that
+read their inputs lazily and write their own output shards, so no tensor crosses the object store;
+the driver streams the untouched tensors meanwhile and writes the index. Inputs are checked before
+any output is written; the output is built in a temporary sibling directory (on storage every node
+sees, like the inputs) and renamed into place only when complete.
 """
 
 from __future__ import annotations

@@ -52,14 +52,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def reference_hidden(
     model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Final hidden states of the stage-start model: the peft model with its adapters disabled."""
+    """Final hidden states of the stage-start model: the peft model with its adapters disabled.
+
+    Only the language model runs (the inquiries are text): its `last_hidden_state` is the
+    full model's `hidden_states[-1]`, without the LM head's logits over the vocabulary."""
     inner = unwrap(model)
     disabled = (
         inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
     )
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     with disabled:
-        out = inner(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-    return out.hidden_states[-1]
+        return base.model.language_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
 
 class StageTrainer(Trainer):
