@@ -106,6 +106,26 @@ def inquiry_drift(model_dir: Path, init: Path, benchmark: Path) -> float:
     return float((((states[1] - states[0]) ** 2) * mask).sum() / (mask.sum() * states[0].shape[-1]))
 
 
+@pytest.mark.parametrize("boundary", ["pad", "truncate"])
+def test_lowrank_sac_of_the_trained_adapter_equals_dense_sac(
+    trained, tiny_checkpoint, boundary
+) -> None:
+    """SAC from the adapter's factors = SAC by dense SVD of s·B·A, for every LoRA pair the stage
+    runner trained (issue 5)."""
+    from llava_c_ray.consolidate.lowrank import consolidated_delta
+    from llava_c_ray.consolidate.plan import plan_adapter
+    from llava_c_ray.model.safetensors_io import LazyCheckpoint
+
+    items, adapter = plan_adapter(LazyCheckpoint(tiny_checkpoint), trained.adapter_dir)
+    pairs = [item for item in items if item.kind == "lora"]
+    assert len(pairs) >= 12
+    for item in pairs:
+        b, a = adapter.get(item.lora_b).double(), adapter.get(item.lora_a).double()
+        low = consolidated_delta(0.3, boundary, lora=(b, a, item.scale))
+        dense = consolidated_delta(0.3, boundary, delta=item.scale * b @ a)
+        assert (low - dense).norm() <= 1e-5 * dense.norm(), item.name
+
+
 def test_uir_keeps_inquiry_states_closer(
     ray_cluster, trained, tiny_benchmark, tiny_checkpoint, tmp_path
 ) -> None:
