@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sac.py [--checkpoint-gb 1.0] [--skip-dense-11008]
 
-1. low-rank vs dense SVD path on 7B-shaped LoRA deltas (r = 128);
+1. low-rank vs dense path on 7B-shaped LoRA deltas (r = 128): the SVD + σ̃, and with W̃ written;
 2. whole-checkpoint SAC from a LoRA adapter ÷ a plain safetensors read+write copy of the checkpoint;
 3. 1 vs 2 Ray workers on the dense path.
 """
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -23,10 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from llava_c_ray.consolidate.engine import consolidate_checkpoint
 from llava_c_ray.consolidate.lowrank import (
+    add_rebuilt,
     consolidated_spectrum,
     dense_factors,
     lowrank_factors,
-    rebuild,
 )
 
 RUNS = 5
@@ -39,23 +40,32 @@ def timed(fn, repeat: int = 1) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def sac_lowrank(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def spectrum(factors) -> torch.Tensor:
+    return consolidated_spectrum(factors, 0.2, "pad")[0]
+
+
+def lowrank_sac(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     factors = lowrank_factors(b, a, 2.0)
-    return rebuild(factors, consolidated_spectrum(factors, 0.2, "pad")[0], torch.float32)
-
-
-def sac_dense(delta: torch.Tensor) -> torch.Tensor:
-    factors = dense_factors(delta)
-    return rebuild(factors, consolidated_spectrum(factors, 0.2, "pad")[0], torch.float32)
+    return add_rebuilt(weight, factors, spectrum(factors))
 
 
 def lowrank_vs_dense(shapes: list[tuple[int, int]], rank: int = 128) -> None:
+    """One LoRA delta s·B·A both ways: the exact SVD + σ̃ (what the two paths differ in), and end
+    to end with W̃ = W + U·diag(σ̃)·Vh as the engine writes it (`add_rebuilt`)."""
     for m, n in shapes:
         b, a = torch.randn(m, rank) / rank**0.5, torch.randn(rank, n) / n**0.5
-        low = timed(lambda b=b, a=a: sac_lowrank(b, a), 3)
-        dense = timed(lambda b=b, a=a: sac_dense(2.0 * b @ a))
+        weight = torch.randn(m, n)
+        low = timed(lambda b=b, a=a: spectrum(lowrank_factors(b, a, 2.0)), 3)
+        low_total = timed(functools.partial(lowrank_sac, weight, b, a), 3)
+        started = time.perf_counter()
+        dense = dense_factors(2.0 * b @ a)
+        sigma = spectrum(dense)
+        dense_svd = time.perf_counter() - started
+        dense_total = dense_svd + timed(functools.partial(add_rebuilt, weight, dense, sigma))
         print(
-            f"{m}x{n} r={rank}: low-rank {low * 1e3:.1f} ms, dense {dense:.2f} s, ratio {dense / low:.0f}x"
+            f"{m}x{n} r={rank}: SVD + σ̃ low-rank {low * 1e3:.1f} ms, dense {dense_svd:.2f} s, "
+            f"ratio {dense_svd / low:.0f}x; with W̃ = W + U·diag(σ̃)·Vh: low-rank "
+            f"{low_total * 1e3:.0f} ms, dense {dense_total:.2f} s, ratio {dense_total / low_total:.0f}x"
         )
 
 
