@@ -71,13 +71,9 @@ def consolidated_spectrum(
     return sigma_tilde[: factors.S.shape[0]], k
 
 
-def rebuild(
-    factors: Factors, sigma: torch.Tensor, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """U·diag(σ)·Vh reshaped to the parameter's shape, in `dtype` (default: the factors' own)."""
-    dtype = dtype or factors.U.dtype
-    scaled = factors.U.to(dtype) * sigma.to(dtype)
-    return (scaled @ factors.Vh.to(dtype)).reshape(factors.shape)
+def rebuild(factors: Factors, sigma: torch.Tensor) -> torch.Tensor:
+    """U·diag(σ)·Vh reshaped to the parameter's shape, in the factors' dtype."""
+    return ((factors.U * sigma.to(factors.U.dtype)) @ factors.Vh).reshape(factors.shape)
 
 
 def add_rebuilt(weight: torch.Tensor, factors: Factors, sigma: torch.Tensor) -> torch.Tensor:

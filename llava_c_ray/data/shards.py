@@ -125,11 +125,10 @@ def row_record(row: dict) -> Record:
 
 def is_current(directory: Path, source: Path) -> bool:
     """Whether `directory` holds shards prepared from the current contents of `source`."""
-    manifest = Path(directory) / "manifest.json"
-    if not manifest.is_file():
+    if not (Path(directory) / "manifest.json").is_file():
         return False
     digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
-    return json.loads(manifest.read_text())["source_sha256"] == digest
+    return read_manifest(directory)["source_sha256"] == digest
 
 
 def ray_dataset(directories: list[Path], *, seed: int | None = None):

@@ -67,7 +67,6 @@ def prepare_data(spec: StageSpec) -> StageData:
 def shard_directory(source: TrainFile, cache: Path) -> Path:
     path = Path(source.path).absolute()
     if path.is_dir():
-        read_manifest(path)
         return path
     if not is_current(cache, path):
         prepare_shards(path, source.image_folder, cache, records_per_shard=128, overwrite=True)
