@@ -22,10 +22,10 @@ BASE_RECIPE = {
     "method": {"name": "joint"},
     "training": {
         "full_finetune": True,
-        "lr": 2e-3,
+        "lr": 1e-3,
         "warmup_ratio": 0.05,
         "schedule": "cosine",
-        "epochs": 8,
+        "epochs": 12,
         "per_device_batch": 16,
         "global_batch": 32,
         "checkpoint_every": 100,

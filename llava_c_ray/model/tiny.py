@@ -50,6 +50,11 @@ class TinyDims:
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 4
+    # CLIP's init scale for the vision tower. At the default (1.0: patch and position embeddings
+    # of std 0.02) a tower trained from scratch gives every image nearly the same tokens and the
+    # language model learns to ignore them: trained alone on grounding (4 quadrants) at lr 2e-3,
+    # the tiny model stays at chance (25%) for 300 steps; at 10 it reaches 98% in them.
+    vision_init_factor: float = 10.0
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
@@ -98,6 +103,7 @@ def tiny_config(dims: TinyDims, tokenizer: PreTrainedTokenizerFast) -> LlavaConf
         image_size=dims.image_size,
         patch_size=dims.patch_size,
         projection_dim=dims.vision_hidden,
+        initializer_factor=dims.vision_init_factor,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -143,7 +143,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Runs on every Ray Train worker: train, checkpoint through Ray Train, save θ_t on rank 0.
 
     Returns None, or after a non-finite loss (on every rank at the same step) its step and error.
+    The worker's scratch directory (restored checkpoint, Trainer output) goes with it.
     """
+    work = Path(tempfile.mkdtemp(prefix="llava-c-train-"))
+    try:
+        return train_in(work, config)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def train_in(work: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers import AutoProcessor
@@ -157,7 +166,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     data: StageData = config["data"]
     rank = ray.train.get_context().get_world_rank()
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(spec.out / "tensorboard")
-    work = Path(tempfile.mkdtemp(prefix="llava-c-train-"))
     resume, resumed_from = resume_dir(ray.train.get_checkpoint(), work)
     args = training_arguments(spec, work / "trainer", rank, config["steps"])
     processor = AutoProcessor.from_pretrained(spec.init)
@@ -192,10 +200,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     except NonFiniteLoss as exc:
         # Returned, not raised: a raised error would be retried from the same checkpoint into
         # the same NaN `max_failures` times. The driver turns rank 0's return value into the error.
-        shutil.rmtree(work, ignore_errors=True)
         return {NON_FINITE_MARKER: exc.step, "error": str(exc)}
     report_final(trainer, spec, processor, rank, work, resumed_from)
-    shutil.rmtree(work, ignore_errors=True)
     return None
 
 

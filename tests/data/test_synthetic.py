@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llava_c_ray.data.records import load_records
-from llava_c_ray.data.synthetic.benchmark import generate_benchmark
+from llava_c_ray.data.synthetic.benchmark import SIZES, generate_benchmark
 from llava_c_ray.errors import LlavaCError
 
 
@@ -45,10 +45,24 @@ def test_index_lists_valid_tasks(tiny_benchmark: Path) -> None:
         "bar_chart",
         "line_plot",
     ]
-    for task in index["general"] + index["continual"]:
-        for split in ("train", "val", "test"):
-            assert load_records(tiny_benchmark / task[split], tiny_benchmark / task["image_folder"])
-        assert 0 <= task["chance"] <= 100
+    sizes = SIZES["test"]
+    for group in ("general", "continual"):
+        for task in index[group]:
+            counts = {
+                split: len(
+                    load_records(
+                        tiny_benchmark / task[split], tiny_benchmark / task["image_folder"]
+                    )
+                )
+                for split in ("train", "val", "test")
+            }
+            reading = group == "general" and task["name"] in ("ocr", "scene_text")
+            assert counts == {
+                "train": sizes[group] * (2 if reading else 1),
+                "val": sizes["val"],
+                "test": sizes["test"],
+            }, task["name"]
+            assert 0 <= task["chance"] <= 100
     inquiries = load_records(tiny_benchmark / index["inquiry"]["path"], require_answers=False)
     assert inquiries and all(len(r.conversations) == 1 and r.image is None for r in inquiries)
 

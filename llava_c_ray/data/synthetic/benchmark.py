@@ -40,13 +40,14 @@ class TaskSpec:
     domain: Domain
     scoring: str
     instruction: str
+    train_scale: int = 1  # × the scale's training size: reading words needs more examples
 
 
 GENERAL = (
     TaskSpec("text_qa", domains.text_qa, "f1", domains.WORD_SUFFIX),
     TaskSpec("captions", domains.captions, "f1", domains.CAPTION_PROMPT),
-    TaskSpec("ocr", domains.ocr, "exact", domains.WORD_SUFFIX),
-    TaskSpec("scene_text", domains.scene_text, "exact", domains.WORD_SUFFIX),
+    TaskSpec("ocr", domains.ocr, "exact", domains.WORD_SUFFIX, train_scale=2),
+    TaskSpec("scene_text", domains.scene_text, "exact", domains.WORD_SUFFIX, train_scale=2),
     TaskSpec("spatial", domains.spatial, "exact", domains.WORD_SUFFIX),
     TaskSpec("grounding", domains.grounding, "bbox", domains.GROUNDING_PROMPT),
 )
@@ -207,7 +208,13 @@ def generate_benchmark(
         index = {"name": "llava-c-builtin", "seed": seed, "scale": scale, "image_folder": "images"}
         for group, specs in (("general", GENERAL), ("continual", CONTINUAL)):
             index[group] = [
-                write_task(writer, spec, random.Random(f"{seed}-{spec.name}"), sizes, sizes[group])
+                write_task(
+                    writer,
+                    spec,
+                    random.Random(f"{seed}-{spec.name}"),
+                    sizes,
+                    sizes[group] * spec.train_scale,
+                )
                 for spec in specs
             ]
         index["general_probe"] = write_probe(writer, random.Random(f"{seed}-probe"), sizes["probe"])

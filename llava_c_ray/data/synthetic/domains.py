@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from llava_c_ray.data.synthetic import draw
-from llava_c_ray.data.synthetic.draw import COLORS, SHAPES
+from llava_c_ray.data.synthetic.draw import COLORS, IMAGE_SIZE, SHAPES
 
 WORD_SUFFIX = "Answer the question using a single word or phrase."
 LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -148,14 +148,23 @@ def icon_count(rng: random.Random, style: str) -> Sample:
 
 
 NEW_SHAPES = ("diamond", "cross", "ring")
+OBJECT_SIZES = ("small", "large")
+
+
+SMALL_BOX = (30, 30, IMAGE_SIZE - 30, IMAGE_SIZE - 30)
 
 
 def attributes(rng: random.Random, style: str) -> Sample:
-    """Super-CLEVR-like: one new shape on a dark floor; ask its colour or its shape."""
-    shape, color = rng.choice(NEW_SHAPES), rng.choice(list(COLORS))
-    image = draw.draw_boxes([(shape, color, draw.CENTER_BOX)], rng, background=(60, 60, 70))
+    """Super-CLEVR-like: one new shape, large or small, on a dark floor; ask its shape or its size.
+
+    Neither is asked or named by the general domains (their answers are colours and the three
+    old shapes), so the base model cannot answer zero-shot.
+    """
+    shape, color, size = rng.choice(NEW_SHAPES), rng.choice(list(COLORS)), rng.choice(OBJECT_SIZES)
+    box = draw.CENTER_BOX if size == "large" else SMALL_BOX
+    image = draw.draw_boxes([(shape, color, box)], rng, background=(60, 60, 70))
     if rng.random() < 0.5:
-        return Sample(image, f"What color is the object?\n{WORD_SUFFIX}", color)
+        return Sample(image, f"What size is the object?\n{WORD_SUFFIX}", size)
     return Sample(image, f"What shape is the object?\n{WORD_SUFFIX}", shape)
 
 

@@ -139,24 +139,30 @@ def font(size: int) -> ImageFont.FreeTypeFont:
 
 
 def draw_word(word: str, rng: random.Random, *, sign: str | None = None) -> Image.Image:
-    """A word in black; on a coloured sign with a few shapes around it when `sign` is a colour."""
+    """A word in a dark ink on a light paper; when `sign` is a colour, the word is white on a
+    sign of that colour with small shapes below it.
+
+    Words vary in size and colours but sit at a fixed place: a tiny vision tower trained from
+    scratch in minutes learns to read words of any size there, not words that slide across its
+    24-px patches (in a single-domain trial of 300 steps, OCR of words shifted by ±2 px reached
+    about 50%, by ±8 px chance, against 100% unshifted).
+    """
+    center = IMAGE_SIZE // 2
     if sign is None:
-        image, draw = canvas()
-        x, y = (IMAGE_SIZE // 2 + rng.randint(-8, 8) for _ in range(2))
-        draw.text((x, y), word, fill=(0, 0, 0), font=font(rng.randint(22, 30)), anchor="mm")
+        image, draw = canvas(rng.choice(PAPERS))
+        ink, size = rng.choice(INKS), rng.randint(22, 30)
+        draw.text((center, center), word, fill=ink, font=font(size), anchor="mm")
         return image
     image, draw = canvas()
     draw.rectangle((6, 28, IMAGE_SIZE - 6, 68), fill=COLORS[sign])
-    x = IMAGE_SIZE // 2 + rng.randint(-6, 6)
-    draw.text((x, 48), word, fill=(255, 255, 255), font=font(rng.randint(20, 24)), anchor="mm")
-    for col in rng.sample(range(GRID), 2):
-        draw_shape(
-            draw,
-            rng.choice(SHAPES),
-            rng.choice(list(COLORS)),
-            (col * CELL + 4, 74, col * CELL + 20, 90),
-        )
+    draw.text((center, 48), word, fill=(255, 255, 255), font=font(rng.randint(20, 24)), anchor="mm")
+    for x in (4, CELL + 4):
+        draw_shape(draw, rng.choice(SHAPES), rng.choice(list(COLORS)), (x, 74, x + 16, 90))
     return image
+
+
+INKS = ((0, 0, 0), (20, 30, 90), (20, 70, 30), (90, 40, 10))
+PAPERS = ((255, 255, 255), (250, 245, 225), (230, 240, 250), (238, 238, 238))
 
 
 def draw_bars(values: list[int], colors: list[str]) -> Image.Image:
