@@ -27,6 +27,11 @@ LETTER_AT_END_SUFFIX = (
 CAPTION_PROMPT = "Provide a one-sentence caption for the image."
 GROUNDING_PROMPT = "Provide the bounding box coordinate of the region this sentence describes:"
 WORDS = ("cat", "dog", "sun", "map", "box", "cup", "key", "pen", "hat", "bus", "egg", "fox")
+NEW_SHAPES = ("diamond", "cross", "ring")  # drawn only in the continual tasks
+OBJECT_SIZES = ("small", "large")
+# Text QA spells these: the language model learns to write every word the tasks answer with (as a
+# pretrained LLM knows its words), while what they look like stays new.
+SPELLED = WORDS + SHAPES + NEW_SHAPES + OBJECT_SIZES
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -52,18 +57,27 @@ def letter(options: list[str], answer: str) -> str:
 
 
 def text_qa(rng: random.Random, style: str) -> Sample:
+    """Text only: sums, corners of the drawn shapes, and which word a spelling spells."""
     a, b = rng.randint(0, 4), rng.randint(0, 4)
-    if rng.random() < 0.5:
-        question, value = f"What is {a} plus {b}?", a + b
+    kind = rng.choice(("plus", "corners", "spell"))
+    if kind == "plus":
+        question, value = f"What is {a} plus {b}?", str(a + b)
         sentence = f"{a} plus {b} is {value}."
-    else:
+    elif kind == "corners":
         shape = rng.choice(SHAPES)
-        sides = {"circle": 0, "square": 4, "triangle": 3}[shape]
-        question, value = f"How many corners does a {shape} have?", sides
-        sentence = f"A {shape} has {sides} corners."
+        value = str({"circle": 0, "square": 4, "triangle": 3}[shape])
+        question, sentence = (
+            f"How many corners does a {shape} have?",
+            f"A {shape} has {value} corners.",
+        )
+    else:
+        value = rng.choice(SPELLED)
+        spelling = "-".join(value)
+        question = f"Which word is spelled {spelling}?"
+        sentence = f"The word spelled {spelling} is {value}."
     if style == "sentence":
         return Sample(None, f"{question} Answer in a full sentence.", sentence)
-    return Sample(None, f"{question}\n{WORD_SUFFIX}", str(value))
+    return Sample(None, f"{question}\n{WORD_SUFFIX}", value)
 
 
 def captions(rng: random.Random, style: str) -> Sample:
@@ -145,10 +159,6 @@ def icon_count(rng: random.Random, style: str) -> Sample:
     options = ["1", "2", "3", "4"]
     question = f"How many stars are there?\n{options_text(options)}\n{LETTER_SUFFIX}"
     return Sample(image, question, letter(options, str(count)))
-
-
-NEW_SHAPES = ("diamond", "cross", "ring")
-OBJECT_SIZES = ("small", "large")
 
 
 SMALL_BOX = (30, 30, IMAGE_SIZE - 30, IMAGE_SIZE - 30)
