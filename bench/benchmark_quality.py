@@ -1,6 +1,9 @@
 """Is the built-in benchmark fit for purpose? (issue 3) Prints figures, asserts nothing.
 
-    .venv/bin/python bench/benchmark_quality.py [--root DIR] [--reuse]
+    .venv/bin/python bench/benchmark_quality.py [--root DIR] [--max-samples N]
+
+A --root that already holds a build reuses its benchmark and base model (then the time in 1. is
+only the check).
 
 1. Pre-training the tiny base from scratch on the six general domains (time on this machine), and
    its test scores on every general domain and the general probe beside each chance level.
