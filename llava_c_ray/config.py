@@ -150,12 +150,15 @@ class TrainingConfig(Section):
     """Global gradient-norm clip."""
     seed: int = 0
     """Seed of data order, LoRA init and dropout."""
+    log_every: int = Field(default=10, gt=0)
+    """Log the loss terms, learning rate and tokens/s (console, TensorBoard) every N optimizer
+    steps, averaged over them."""
     checkpoint_every: int = Field(default=50, gt=0)
     """Report a Ray Train checkpoint every N optimizer steps."""
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts allowed per stage (resuming from the last checkpoint)."""
     prefetch_batches: int = Field(default=2, ge=0)
-    """Micro-batches Ray Data reads ahead of each training worker."""
+    """Micro-batches read and encoded ahead of each training worker's step."""
     shuffle_buffer: int = Field(default=256, gt=0)
     """Rows of the worker's data shard shuffled together (reseeded every epoch)."""
 

@@ -24,9 +24,17 @@ def ray_cluster():
     """A local Ray shared by the whole session; subprocesses join it through RAY_ADDRESS."""
     import ray
 
+    from llava_c_ray.ray_session import LOCAL_SYSTEM_CONFIG
+
     if not ray.is_initialized():
         # "local": never join a cluster this machine last started with `ray start`.
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config=LOCAL_SYSTEM_CONFIG,
+        )
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     os.environ.pop("RAY_ADDRESS", None)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.train.uir import uir_loss
@@ -110,3 +110,12 @@ class StageTrainer(Trainer):
             self.sums["llava_loss"] = self.sums["uir_loss"] = 0.0
             self.window_start = time.perf_counter()
         super().log(logs, *args, **kwargs)
+
+
+class LogFinalStep(TrainerCallback):
+    """Logs the last optimizer step's window too when `log_every` does not divide the step count,
+    so the stage's last loss is always on record. Runs on every rank: logging gathers the loss."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True

@@ -38,7 +38,8 @@ def training_arguments(spec: StageSpec, output_dir: Path, rank: int, steps: int)
         lr_scheduler_type={"constant": "constant_with_warmup"}.get(t.schedule, t.schedule),
         warmup_steps=t.warmup_ratio,
         max_grad_norm=t.grad_clip,
-        logging_steps=1,
+        logging_steps=t.log_every,
+        logging_first_step=True,
         save_strategy="steps",
         save_steps=t.checkpoint_every,
         save_total_limit=2,
@@ -57,6 +58,11 @@ def training_arguments(spec: StageSpec, output_dir: Path, rank: int, steps: int)
         disable_tqdm=rank != 0,
         # Full training reaches vision layers past `vision_feature_layer`, which get no gradient.
         ddp_find_unused_parameters=t.full_finetune,
+        # The model's buffers (rotary frequencies, position ids) never change: no per-step broadcast.
+        ddp_broadcast_buffers=False,
+        # `compute_loss` returns each rank's mean: the label-token count gathered across ranks
+        # every step would be unused.
+        average_tokens_across_devices=False,
     )
 
 
@@ -160,7 +166,7 @@ def train_in(work: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     from llava_c_ray.train.data import StageCollator
     from llava_c_ray.train.progress import PROGRESS_FILE, ProgressFile
     from llava_c_ray.train.stream import RowEncoder, ShardStream
-    from llava_c_ray.train.trainer import NonFiniteLoss, StageTrainer
+    from llava_c_ray.train.trainer import LogFinalStep, NonFiniteLoss, StageTrainer
 
     spec: StageSpec = config["spec"]
     data: StageData = config["data"]
@@ -190,7 +196,7 @@ def train_in(work: Path, config: dict[str, Any]) -> dict[str, Any] | None:
             prefetch_batches=spec.training.prefetch_batches,
         ),
         optimizers=(build_optimizer(model, spec.training), None),
-        callbacks=[RayTrainReportCallback()]
+        callbacks=[RayTrainReportCallback(), LogFinalStep()]
         + ([ProgressFile(spec.out / PROGRESS_FILE)] if rank == 0 else []),
         uir_weight=spec.uir_weight,
     )

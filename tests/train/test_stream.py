@@ -53,6 +53,22 @@ def test_epochs_reshuffle_and_a_resumed_stream_continues_where_it_stopped(
 
 
 @pytest.mark.integration
+def test_encoding_ahead_keeps_the_order_and_surfaces_errors(ray_cluster, shards: Path) -> None:
+    dataset = ray_dataset([shards], seed=0)
+    in_line = first(ids_stream(dataset.iterator(), prefetch_batches=0), 5)
+    assert first(ids_stream(dataset.iterator(), prefetch_batches=3), 5) == in_line
+
+    def broken(row):
+        raise ValueError(f"cannot decode {row['id']}")
+
+    stream = ShardStream(
+        dataset.iterator(), batch_size=4, encode=broken, collate=list, seed=3, prefetch_batches=2
+    )
+    with pytest.raises(ValueError, match="cannot decode"):
+        first(stream, 1)
+
+
+@pytest.mark.integration
 def test_an_empty_shard_is_an_error(ray_cluster, shards: Path) -> None:
     empty = ray_dataset([shards]).limit(0)
     with pytest.raises(LlavaCError, match="data shard is empty"):
