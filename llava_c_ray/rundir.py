@@ -97,10 +97,24 @@ class RunDir:
             sync_up(self.path, self.mirror)
 
 
+# Keys that change how a run reports or feeds its workers, never what it computes: a run reopened
+# with only these changed (or added by a newer llava-c with their defaults) resumes.
+RESULT_NEUTRAL_KEYS = frozenset({"training.log_every", "training.prefetch_batches"})
+
+
+def adopt(run: RunDir, job: JobConfig) -> RunDir:
+    """Record `job` as the run's config: it differs from the old one in result-neutral keys only."""
+    (run.path / "config.yaml").write_text(dump_job(job))
+    run.manifest["config_hash"] = job.hash()
+    run.save()
+    return run
+
+
 def open_run_dir(path: Path, job: JobConfig, *, force_new: bool = False) -> RunDir:
     """Create a run directory, or reopen one started with the same config to resume it.
 
-    A directory holding a different job is refused with the differing keys; with `force_new` it is
+    A directory holding a different job is refused with the differing keys (keys in
+    `RESULT_NEUTRAL_KEYS` do not count: the run resumes under the new config); with `force_new` it is
     moved aside to `<path>.old-<time>` (nothing is deleted) and a fresh run starts.
     """
     manifest_file = path / "manifest.json"
@@ -113,9 +127,15 @@ def open_run_dir(path: Path, job: JobConfig, *, force_new: bool = False) -> RunD
             ) from exc
         if manifest.get("config_hash") == job.hash():
             return RunDir(path, manifest)
+        old = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        diffs = [
+            d
+            for d in config_differences(old, job.model_dump(mode="json"))
+            if d.split(":")[0] not in RESULT_NEUTRAL_KEYS
+        ]
+        if not diffs:
+            return adopt(RunDir(path, manifest), job)
         if not force_new:
-            old = yaml.safe_load((path / "config.yaml").read_text()) or {}
-            diffs = config_differences(old, job.model_dump(mode="json"))
             raise LlavaCError(
                 "this run directory holds a different job:\n  " + "\n  ".join(diffs[:20]),
                 path=path,

@@ -42,6 +42,24 @@ def test_different_job_refused_with_differing_keys(tmp_path: Path) -> None:
     assert json.loads(run.manifest_file.read_text())["stages"][0]["steps"]["evaluate"]
 
 
+def test_result_neutral_keys_resume_under_the_new_config(tmp_path: Path) -> None:
+    """A run started before `log_every` existed (or with another value) resumes; the config and
+    hash on record become the new ones. A key that changes results is still refused."""
+    run = open_run_dir(tmp_path / "run", make_job())
+    run.record(0, "train", checkpoint="m")
+    config = tmp_path / "run" / "config.yaml"
+    lines = config.read_text().splitlines(keepends=True)
+    config.write_text("".join(line for line in lines if "log_every" not in line))  # older llava-c
+    job = make_job(training={"log_every": 5, "prefetch_batches": 4})
+    again = open_run_dir(tmp_path / "run", job)
+    assert again.step(0, "train")["checkpoint"] == "m"
+    assert again.manifest["config_hash"] == job.hash()
+    assert "log_every: 5" in config.read_text()
+    assert open_run_dir(tmp_path / "run", job).step(0, "train")
+    with pytest.raises(LlavaCError, match=r"training\.lr"):
+        open_run_dir(tmp_path / "run", make_job(training={"lr": 1e-3, "log_every": 5}))
+
+
 def test_force_new_moves_old_run_aside(tmp_path: Path) -> None:
     open_run_dir(tmp_path / "run", make_job()).record(0, "evaluate")
     open_run_dir(tmp_path / "run", make_job(training={"lr": 1e-3}), force_new=True)
