@@ -19,18 +19,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-GENERAL = ("text_qa", "captions", "ocr", "scene_text", "spatial", "grounding")
-
 
 def prepare(root: Path) -> list[Path]:
     from llava_c_ray.data.shards import prepare_shards
-    from llava_c_ray.data.synthetic.benchmark import generate_benchmark
+    from llava_c_ray.data.synthetic.benchmark import GENERAL, generate_benchmark
 
     benchmark = root / "benchmark"
     generate_benchmark(benchmark, seed=0, scale="small", overwrite=True)
+    names = [task.name for task in GENERAL]
     return [
         prepare_shards(benchmark / t / "train.json", benchmark / "images", root / f"{i:02d}-{t}")
-        for i, t in enumerate(GENERAL)
+        for i, t in enumerate(names)
     ]
 
 
