@@ -66,11 +66,12 @@ def build_tiny(benchmark: Path, out: Path, seed: int, dims=None) -> Path:
     from llava_c_ray.model.tiny import build_tiny_llava
 
     print(f"[llava-c] building the tiny LLaVA in {out}", flush=True)
-    # The template's fixed text is part of every prompt: the tokenizer learns it as few tokens.
-    texts = benchmark_texts(benchmark) + [f"{SYSTEM} USER: ASSISTANT:"] * 200
+    # The template's fixed text is part of every prompt: its system line is one token, its role
+    # tags are learnt as few.
+    texts = benchmark_texts(benchmark) + ["USER: ASSISTANT:"] * 200
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_llava(tmp, texts, seed=seed, dims=dims)
+    build_tiny_llava(tmp, texts, seed=seed, dims=dims, phrases=[SYSTEM])
     tmp.rename(out)
     return out
 

@@ -161,6 +161,12 @@ class TrainingConfig(Section):
     """Micro-batches read and encoded ahead of each training worker's step."""
     shuffle_buffer: int = Field(default=256, gt=0)
     """Rows of the worker's data shard shuffled together (reseeded every epoch)."""
+    encode_cache_mb: int = Field(default=1024, ge=0)
+    """Memory per worker for encoded rows (pixel values, token ids) reused in later epochs; rows
+    past it are encoded again every epoch. 0 turns the cache off."""
+    group_by_length: bool = True
+    """Put rows of like modality and length in the same micro-batch (within each shuffle window)
+    so that less of it is padding, as LLaVA's `group_by_modality_length` does."""
 
     @property
     def effective_projector_lr(self) -> float:

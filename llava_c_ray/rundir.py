@@ -99,7 +99,9 @@ class RunDir:
 
 # Keys that change how a run reports or feeds its workers, never what it computes: a run reopened
 # with only these changed (or added by a newer llava-c with their defaults) resumes.
-RESULT_NEUTRAL_KEYS = frozenset({"training.log_every", "training.prefetch_batches"})
+RESULT_NEUTRAL_KEYS = frozenset(
+    {"training.log_every", "training.prefetch_batches", "training.encode_cache_mb"}
+)
 
 
 def adopt(run: RunDir, job: JobConfig) -> RunDir:

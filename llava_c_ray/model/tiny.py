@@ -8,12 +8,12 @@ image processor, processor, chat template) that `LlavaForConditionalGeneration.f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -67,8 +67,14 @@ class TinyDims:
         return (self.image_size // self.patch_size) ** 2
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on `texts`: every string round-trips exactly through encode/decode."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, phrases: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts`: every string round-trips exactly through encode/decode.
+
+    Each of `phrases` (fixed text of the prompt template, such as its system line) is one added
+    token: BPE never merges across words, and a constant 29-token system line would otherwise be
+    over a third of every built-in training row."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -79,6 +85,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens([AddedToken(phrase, normalized=False) for phrase in phrases])
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -148,12 +155,18 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, dims: TinyDims) -> Llava
 
 
 def build_tiny_llava(
-    out: Path, texts: Iterable[str], *, seed: int = 0, dims: TinyDims | None = None
+    out: Path,
+    texts: Iterable[str],
+    *,
+    seed: int = 0,
+    dims: TinyDims | None = None,
+    phrases: Sequence[str] = (),
 ) -> Path:
-    """Train a tokenizer on `texts`, build a randomly initialised tiny LLaVA, save it to `out`."""
+    """Train a tokenizer on `texts` (each of `phrases` one token), build a randomly initialised
+    tiny LLaVA, save it to `out`."""
     dims = dims or TinyDims()
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(texts, dims.vocab_size)
+    tokenizer = train_tokenizer(texts, dims.vocab_size, phrases)
     model = LlavaForConditionalGeneration(tiny_config(dims, tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -1,6 +1,8 @@
 """transformers' Trainer with the UIR term in `compute_loss` (SPEC.md §2.1).
 
-L = L_llava + λ·L_uir. The inquiry rows are the last `uir_rows` rows of each micro-batch (text only,
+L = L_llava + λ·L_uir. L_llava needs the LM head's logits only where the next token is an answer
+token (a few percent of a LLaVA sequence), so only those positions reach the vocabulary projection
+(`loss_positions`): the same loss as the full logits, without their time and memory. The inquiry rows are the last `uir_rows` rows of each micro-batch (text only,
 labels -100), so they share the one gradient-carrying forward with the training rows; the reference
 hidden states come from a no-grad forward of the same rows with the LoRA adapters disabled — the
 stage-start model, without a second copy of it.
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
+from llava_c_ray.data.template import IGNORE_INDEX
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.train.uir import uir_loss
 
@@ -39,6 +42,16 @@ def any_rank_non_finite(loss: torch.Tensor) -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag)
     return bool(flag.item())
+
+
+def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, targets): the positions whose next token is labelled, and those next tokens.
+
+    Passed as transformers' `logits_to_keep` (boolean mask) and `shift_labels`, the model's own
+    causal-LM loss averages over exactly the tokens it averages over with full logits."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    mask = shifted != IGNORE_INDEX
+    return mask, shifted[mask]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -79,7 +92,10 @@ class StageTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         uir_rows = int(inputs.pop("uir_rows", 0))
         use_uir = uir_rows > 0 and self.uir_weight > 0
-        outputs = model(**inputs, output_hidden_states=use_uir)
+        keep, targets = loss_positions(inputs["labels"])
+        outputs = model(
+            **inputs, logits_to_keep=keep, shift_labels=targets, output_hidden_states=use_uir
+        )
         loss = outputs.loss
         self.sums["llava_loss"] += loss.item()
         if use_uir:

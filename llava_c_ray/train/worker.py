@@ -194,6 +194,8 @@ def train_in(work: Path, config: dict[str, Any]) -> dict[str, Any] | None:
             start=resumed_from * spec.gradient_accumulation,
             shuffle_buffer=spec.training.shuffle_buffer,
             prefetch_batches=spec.training.prefetch_batches,
+            group_by_length=spec.training.group_by_length,
+            encode_cache_mb=spec.training.encode_cache_mb,
         ),
         optimizers=(build_optimizer(model, spec.training), None),
         callbacks=[RayTrainReportCallback(), LogFinalStep()]

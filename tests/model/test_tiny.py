@@ -30,3 +30,18 @@ def test_loads_and_generates_in_a_fresh_process(tiny_checkpoint: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "OK LlavaProcessor" in done.stdout
+
+
+def test_system_line_is_one_token_and_prompts_round_trip(tiny_checkpoint: Path) -> None:
+    from transformers import AutoProcessor
+
+    from llava_c_ray.data.template import SYSTEM, prompt_text
+
+    tokenizer = AutoProcessor.from_pretrained(tiny_checkpoint).tokenizer
+    prompt = prompt_text("Which object is on the left?\nAnswer with one word.")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids[0]) == SYSTEM
+    assert SYSTEM not in tokenizer.convert_ids_to_tokens(ids[1:])
+    assert tokenizer.decode(ids) == prompt
+    alone = tokenizer("A chat between friends.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(alone) == "A chat between friends." and len(alone) > 1

@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -16,7 +17,7 @@ from llava_c_ray.data.shards import prepare_shards, ray_dataset, read_manifest
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.train.spec import StageSpec, TrainFile
 from llava_c_ray.train.stage import SHARDS, prepare_data
-from llava_c_ray.train.stream import ShardStream
+from llava_c_ray.train.stream import ShardStream, encoded_bytes, row_length
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,87 @@ def test_encoding_ahead_keeps_the_order_and_surfaces_errors(ray_cluster, shards:
     )
     with pytest.raises(ValueError, match="cannot decode"):
         first(stream, 1)
+
+
+@pytest.fixture(scope="module")
+def text_shards(tiny_benchmark: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tiny_benchmark / "text_qa" / "train.json"
+    out = tmp_path_factory.mktemp("stream") / "01-text_qa-train"
+    return prepare_shards(source, None, out, records_per_shard=8)
+
+
+def padded_length(batches: list[list[int]]) -> int:
+    return sum(len(batch) * max(batch) for batch in batches)
+
+
+@pytest.mark.integration
+def test_grouping_by_length_pads_less_and_keeps_epochs_and_resume(
+    ray_cluster, shards: Path, text_shards: Path
+) -> None:
+    dataset = ray_dataset([shards, text_shards], seed=0)
+    records = dataset.count()
+    per_epoch = -(-records // 4)
+
+    def stream(group: bool, **kwargs) -> ShardStream:
+        return ShardStream(
+            dataset.iterator(),
+            batch_size=4,
+            encode=lambda row: (row_length(row)[1], row["id"]),
+            collate=list,
+            seed=3,
+            shuffle_buffer=16,
+            group_by_length=group,
+            **kwargs,
+        )
+
+    grouped, plain = first(stream(True), 2 * per_epoch), first(stream(False), 2 * per_epoch)
+    for epoch in range(2):
+        rows = sum(grouped[epoch * per_epoch : (epoch + 1) * per_epoch], [])
+        assert sorted(r[1] for r in rows) == sorted(dataset.to_pandas()["id"])
+
+    def lengths(batches):
+        return [[length for length, _ in batch] for batch in batches]
+
+    assert padded_length(lengths(grouped)) < padded_length(lengths(plain))
+    assert grouped[:per_epoch] != grouped[per_epoch:], "reshuffled every epoch"
+    start = per_epoch - 1
+    assert first(stream(True, start=start), 3) == grouped[start : start + 3]
+
+
+@pytest.mark.integration
+def test_encoded_rows_are_reused_in_later_epochs_within_the_budget(
+    ray_cluster, shards: Path
+) -> None:
+    dataset = ray_dataset([shards], seed=0)
+    records = dataset.count()
+    per_epoch = -(-records // 4)
+    encoded: list[str] = []
+
+    def encode(row):
+        encoded.append(row["id"])
+        return {"id": row["id"], "pixel_values": torch.zeros(256)}
+
+    def stream(megabytes: float) -> ShardStream:
+        return ShardStream(
+            dataset.iterator(),
+            batch_size=4,
+            encode=encode,
+            collate=lambda rows: [r["id"] for r in rows],
+            seed=3,
+            prefetch_batches=0,  # no row encoded ahead of what the test takes
+            encode_cache_mb=megabytes,
+        )
+
+    plain = first(stream(0), 3 * per_epoch)
+    assert len(encoded) == 3 * records
+    encoded.clear()
+    assert first(stream(1), 3 * per_epoch) == plain
+    assert len(encoded) == records, "each row encoded once"
+    encoded.clear()
+    row_bytes = encoded_bytes({"id": "x", "pixel_values": torch.zeros(256)})
+    half = (records // 2) * row_bytes / 2**20  # room for half of the rows
+    assert first(stream(half), 3 * per_epoch) == plain
+    assert len(encoded) == records + 2 * (records - records // 2)
 
 
 @pytest.mark.integration
