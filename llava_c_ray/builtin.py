@@ -28,7 +28,7 @@ BASE_RECIPE = {
         "epochs": 12,
         "per_device_batch": 16,
         "global_batch": 32,
-        "checkpoint_every": 100,
+        "checkpoint_every": 300,
         "seed": 0,
     },
     "cluster": {"num_workers": 2},
