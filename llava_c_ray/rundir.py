@@ -103,6 +103,11 @@ RESULT_NEUTRAL_KEYS = frozenset(
     {"training.log_every", "training.prefetch_batches", "training.encode_cache_mb"}
 )
 
+# Keys added after runs existed, with the value that does what llava-c did before them: a run written
+# without the key resumes under a config that holds that value.
+ADDED_KEYS = {"training.group_by_length": False}
+ADDED_UNCHANGED = frozenset(f"{key}: None -> {value!r}" for key, value in ADDED_KEYS.items())
+
 
 def adopt(run: RunDir, job: JobConfig) -> RunDir:
     """Record `job` as the run's config: it differs from the old one in result-neutral keys only."""
@@ -116,7 +121,8 @@ def open_run_dir(path: Path, job: JobConfig, *, force_new: bool = False) -> RunD
     """Create a run directory, or reopen one started with the same config to resume it.
 
     A directory holding a different job is refused with the differing keys (keys in
-    `RESULT_NEUTRAL_KEYS` do not count: the run resumes under the new config); with `force_new` it is
+    `RESULT_NEUTRAL_KEYS`, and `ADDED_KEYS` at their former behaviour, do not count: the run resumes
+    under the new config); with `force_new` it is
     moved aside to `<path>.old-<time>` (nothing is deleted) and a fresh run starts.
     """
     manifest_file = path / "manifest.json"
@@ -133,7 +139,7 @@ def open_run_dir(path: Path, job: JobConfig, *, force_new: bool = False) -> RunD
         diffs = [
             d
             for d in config_differences(old, job.model_dump(mode="json"))
-            if d.split(":")[0] not in RESULT_NEUTRAL_KEYS
+            if d.split(":")[0] not in RESULT_NEUTRAL_KEYS and d not in ADDED_UNCHANGED
         ]
         if not diffs:
             return adopt(RunDir(path, manifest), job)

@@ -49,7 +49,8 @@ def test_result_neutral_keys_resume_under_the_new_config(tmp_path: Path) -> None
     run.record(0, "train", checkpoint="m")
     config = tmp_path / "run" / "config.yaml"
     lines = config.read_text().splitlines(keepends=True)
-    config.write_text("".join(line for line in lines if "log_every" not in line))  # older llava-c
+    older = ("log_every", "group_by_length")  # keys an older llava-c did not write
+    config.write_text("".join(line for line in lines if not any(k in line for k in older)))
     job = make_job(training={"log_every": 5, "prefetch_batches": 4})
     again = open_run_dir(tmp_path / "run", job)
     assert again.step(0, "train")["checkpoint"] == "m"
@@ -58,6 +59,8 @@ def test_result_neutral_keys_resume_under_the_new_config(tmp_path: Path) -> None
     assert open_run_dir(tmp_path / "run", job).step(0, "train")
     with pytest.raises(LlavaCError, match=r"training\.lr"):
         open_run_dir(tmp_path / "run", make_job(training={"lr": 1e-3, "log_every": 5}))
+    with pytest.raises(LlavaCError, match=r"training\.group_by_length: False -> True"):
+        open_run_dir(tmp_path / "run", make_job(training={"group_by_length": True}))
 
 
 def test_force_new_moves_old_run_aside(tmp_path: Path) -> None:
