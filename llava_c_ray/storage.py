@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -86,14 +87,51 @@ def is_remote(uri: str) -> bool:
     return "://" in str(uri)
 
 
-def sync_up(local: Path, uri: str) -> int:
-    """Upload the files under `local` that `uri` lacks or holds at another size; returns how many.
+SYNC_STATE = ".sync-state.json"  # in the local run directory: what was pushed where; never uploaded
+HASH_LIMIT = 64 << 20  # files up to this size are compared by content
 
-    Run-directory files are written once (checkpoints) or replaced whole (JSON, CSV, PNG), so
-    size is a sufficient change test between pushes.
-    """
+
+def fingerprint(path: Path) -> str:
+    """The content hash of a file of at most HASH_LIMIT bytes (JSON, YAML, CSV, plots: rewritten
+    in place, possibly at equal size), else its size and mtime (checkpoints: written once)."""
+    stat = path.stat()
+    if stat.st_size > HASH_LIMIT:
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def local_fingerprints(local: Path) -> dict[str, str]:
+    """Every file under `local` (but temporaries and the sync state) by relative path."""
+    return {
+        p.relative_to(local).as_posix(): fingerprint(p)
+        for p in sorted(Path(local).rglob("*"))
+        if p.is_file() and ".tmp-" not in p.name and p.name != SYNC_STATE
+    }
+
+
+def read_sync_state(local: Path, uri: str) -> dict[str, str]:
+    """The fingerprints last pushed from `local` to `uri`; empty (push everything) if unknown."""
+    try:
+        state = json.loads((Path(local) / SYNC_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state.get(uri, {}) if isinstance(state, dict) else {}
+
+
+def write_sync_state(local: Path, uri: str, fingerprints: dict[str, str]) -> None:
+    write_json_atomic(pafs.LocalFileSystem(), str(Path(local) / SYNC_STATE), {uri: fingerprints})
+
+
+def sync_up(local: Path, uri: str) -> int:
+    """Upload the files under `local` that `uri` lacks or holds at another size, or whose
+    `fingerprint` changed since the last push to `uri`; returns how many."""
     filesystem, root = resolve(uri)
-    files = sorted(p for p in Path(local).rglob("*") if p.is_file() and ".tmp-" not in p.name)
+    current = local_fingerprints(local)
+    pushed = read_sync_state(local, uri)
     remote = {
         info.path: info.size
         for info in filesystem.get_file_info(
@@ -101,19 +139,21 @@ def sync_up(local: Path, uri: str) -> int:
         )
     }
     changed = [
-        p
-        for p in files
-        if remote.get(join(root, p.relative_to(local).as_posix())) != p.stat().st_size
+        name
+        for name, mark in current.items()
+        if pushed.get(name) != mark
+        or remote.get(join(root, name)) != (Path(local) / name).stat().st_size
     ]
-    for path in changed:
-        target = join(root, path.relative_to(local).as_posix())
+    for name in changed:
+        target = join(root, name)
         makedirs(filesystem, target.rsplit("/", 1)[0])
         pafs.copy_files(
-            str(path),
+            str(Path(local) / name),
             target,
             source_filesystem=pafs.LocalFileSystem(),
             destination_filesystem=filesystem,
         )
+    write_sync_state(local, uri, current)
     return len(changed)
 
 
@@ -131,4 +171,5 @@ def sync_down(uri: str, local: Path) -> bool:
         source_filesystem=filesystem,
         destination_filesystem=pafs.LocalFileSystem(),
     )
+    write_sync_state(local, uri, local_fingerprints(local))  # what was fetched is what `uri` holds
     return True

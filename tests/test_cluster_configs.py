@@ -73,6 +73,10 @@ def test_launcher_config_passes_rays_validation(path: Path) -> None:
     # Shared storage: mounted on the host before Docker starts, and passed into the container.
     assert any(f" {SHARED}" in c and "mount" in c for c in raw["initialization_commands"])
     assert f"--volume {SHARED}:{SHARED}" in raw["docker"]["run_options"]
+    # The dashboard and its job API (run any code) listen on loopback; `ray dashboard` tunnels in.
+    (head_start,) = [c for c in raw["head_start_ray_commands"] if "ray start --head" in c]
+    assert re.findall(r"--dashboard-host[= ](\S+)", head_start) == ["127.0.0.1"]
+    assert "0.0.0.0" not in path.read_text()
 
 
 def kuberay_manifests() -> dict[str, Any]:
@@ -127,8 +131,24 @@ def test_kuberay_cluster_spec_passes_the_kuberay_autoscaler(name: str) -> None:
         assert volumes[mounts[SHARED]]["persistentVolumeClaim"]["claimName"] == claim
 
 
+def dashboard_host(spec: dict[str, Any]) -> str:
+    return spec["headGroupSpec"]["rayStartParams"]["dashboard-host"]
+
+
+def test_kuberay_dashboard_listens_on_loopback_where_it_can() -> None:
+    """The RayCluster's dashboard is reached by port-forward; the RayJob's must listen on the pod
+    network, because the KubeRay operator submits and polls the job through the head Service."""
+    specs = cluster_specs()
+    assert dashboard_host(specs["raycluster.yaml"]) == "127.0.0.1"
+    assert dashboard_host(specs["rayjob.yaml"]) == "0.0.0.0"
+    assert "token auth" in (KUBERAY / "rayjob.yaml").read_text()
+    assert "RAY_AUTH_MODE=token" in (ROOT / "cluster" / "README.md").read_text()
+
+
 def test_kuberay_specs_agree_and_the_rayjob_runs_a_job_file_that_exists() -> None:
     specs = cluster_specs()
+    for spec in specs.values():
+        spec["headGroupSpec"]["rayStartParams"].pop("dashboard-host")
     assert specs["raycluster.yaml"] == specs["rayjob.yaml"], "rayjob.yaml's cluster drifted"
     entrypoint = read_yaml(KUBERAY / "rayjob.yaml")["spec"]["entrypoint"]
     match = re.fullmatch(r"llava-c run /home/ray/llava-c-ray/(jobs/[\w.-]+\.yaml)", entrypoint)

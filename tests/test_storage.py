@@ -70,3 +70,32 @@ def test_sync_up_uploads_only_what_changed_and_sync_down_restores(tmp_path: Path
     assert (fresh / "stages" / "01" / "w.bin").read_bytes() == b"x" * 100
     assert not storage.sync_down(uri, fresh)  # never over a non-empty local directory
     assert not storage.sync_down(f"file://{tmp_path}/nothing", tmp_path / "x")
+
+
+def test_sync_up_uploads_an_equal_size_rewrite(tmp_path: Path) -> None:
+    local = tmp_path / "run"
+    local.mkdir()
+    (local / "manifest.json").write_text('{"step": 10}')
+    (local / "config.yaml").write_text("steps: 10\n")
+    uri = f"file://{tmp_path}/remote/run"
+    assert storage.sync_up(local, uri) == 2
+    (local / "manifest.json").write_text('{"step": 20}')  # same length, rewritten in place
+    assert storage.sync_up(local, uri) == 1
+    assert (tmp_path / "remote" / "run" / "manifest.json").read_text() == '{"step": 20}'
+    assert not (tmp_path / "remote" / "run" / storage.SYNC_STATE).exists()
+    assert storage.sync_up(local, uri) == 0
+    (local / "config.yaml").write_text("steps: 10\n")  # rewritten, content unchanged
+    assert storage.sync_up(local, uri) == 0
+
+
+def test_sync_down_records_what_it_fetched(tmp_path: Path) -> None:
+    local = tmp_path / "run"
+    local.mkdir()
+    (local / "manifest.json").write_text("{}")
+    uri = f"file://{tmp_path}/remote/run"
+    storage.sync_up(local, uri)
+    fresh = tmp_path / "elsewhere"
+    assert storage.sync_down(uri, fresh)
+    assert storage.sync_up(fresh, uri) == 0  # a resumed run does not push everything again
+    (fresh / "manifest.json").write_text("[]")
+    assert storage.sync_up(fresh, uri) == 1

@@ -53,7 +53,7 @@ class Record:
 
 
 def read_records(path: Path) -> list[Any]:
-    """The raw entries of a JSON list or JSONL file; unreadable files raise a LlavaCError."""
+    """The raw entries of a JSON list or JSONL file; an unreadable or empty file is a LlavaCError."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -65,10 +65,17 @@ def read_records(path: Path) -> list[Any]:
         raise LlavaCError(
             f"not UTF-8 (byte {exc.start})", path=path, fix="re-encode the file as UTF-8"
         ) from None
-    if path.suffix == ".jsonl":
-        return _read_jsonl(text, path)
+    entries = _read_jsonl(text, path) if path.suffix == ".jsonl" else _read_json(text, path)
+    if not entries:
+        raise LlavaCError(
+            "no records", path=path, fix="point at a data file that holds at least one record"
+        )
+    return entries
+
+
+def _read_json(text: str, path: Path) -> list[Any]:
     try:
-        data = json.loads(text)
+        data = _parse(text, path)
     except json.JSONDecodeError as exc:
         if not text.lstrip().startswith("["):
             return _read_jsonl(text, path)  # several JSON objects, one per line
@@ -90,10 +97,22 @@ def _read_jsonl(text: str, path: Path) -> list[Any]:
         if not line.strip():
             continue
         try:
-            entries.append(json.loads(line))
+            entries.append(_parse(line, path))
         except json.JSONDecodeError as exc:
             raise LlavaCError(f"invalid JSON on line {number}: {exc.msg}", path=path) from None
     return entries
+
+
+def _parse(text: str, path: Path) -> Any:
+    """`json.loads`, with nesting too deep for the parser reported as a LlavaCError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise LlavaCError(
+            "JSON nested too deeply to parse",
+            path=path,
+            fix="records are flat objects; repair the file",
+        ) from None
 
 
 def load_records(
@@ -104,10 +123,12 @@ def load_records(
     skipped_out: Path | None = None,
     require_answers: bool = True,
     check_images: bool = True,
+    max_pixels: int | None = None,
 ) -> list[Record]:
     """Read and validate a data file. `strict` raises one error listing every problem;
-    `skip` drops bad records and writes their ids and reasons to `skipped_out` (if given)."""
-    from llava_c_ray.data.validate import validate_records
+    `skip` drops bad records and writes their ids and reasons to `skipped_out` (if given).
+    `max_pixels` overrides the image pixel limit (`validate.MAX_IMAGE_PIXELS`)."""
+    from llava_c_ray.data.validate import MAX_IMAGE_PIXELS, validate_records
 
     report = validate_records(
         read_records(path),
@@ -115,6 +136,7 @@ def load_records(
         image_folder,
         require_answers=require_answers,
         check_images=check_images,
+        max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
     )
     if report.problems and mode == "strict":
         raise LlavaCError(report.summary(), path=path, fix=report.fix())

@@ -40,21 +40,27 @@ def prepare_shards(
     records_per_shard: int = 1000,
     mode: str = "strict",
     overwrite: bool = False,
+    max_pixels: int | None = None,
 ) -> Path:
-    """Validate `path` and write its records (with image bytes) as Parquet shards into `out`."""
+    """Validate `path` and write its records (with image bytes) as Parquet shards into `out`.
+
+    `out` may not be, hold or lie inside the data file or the image folder, and `overwrite`
+    replaces only a directory this function wrote (one with its manifest)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LlavaCError(
-            "output directory exists and is not empty",
-            path=out,
-            fix="choose a new --out or pass --overwrite",
-        )
+    skipped = out.with_name(f"{out.name}.skipped.json") if mode == "skip" else None
+    inputs = [Path(path), *([Path(image_folder)] if image_folder else [])]
+    for target in [out, *([skipped] if skipped else [])]:
+        refuse_overlap(target, inputs)
+    check_out(out, overwrite)
     records = load_records(
-        path,
-        image_folder,
-        mode=mode,
-        skipped_out=out.with_name(f"{out.name}.skipped.json") if mode == "skip" else None,
+        path, image_folder, mode=mode, skipped_out=skipped, max_pixels=max_pixels
     )
+    if not records:
+        raise LlavaCError(
+            "no valid records: every record was skipped",
+            path=path,
+            fix=f"correct the records listed in {skipped}",
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -81,6 +87,50 @@ def prepare_shards(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def refuse_overlap(target: Path, inputs: list[Path]) -> None:
+    """Raise when `target` is, holds or lies inside one of `inputs` (symlinks resolved)."""
+    resolved = target.resolve()
+    for source in inputs:
+        if resolved.is_relative_to(source.resolve()) or source.resolve().is_relative_to(resolved):
+            raise LlavaCError(
+                f"output overlaps the input {source}; writing there could destroy it",
+                path=target,
+                fix="choose an --out outside the data file and the image folder, not above them",
+            )
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that is a file, or a non-empty folder unless `overwrite` and ours."""
+    if out.is_file():
+        raise LlavaCError("output exists and is a file", path=out, fix="choose a directory --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise LlavaCError(
+            "output directory exists and is not empty",
+            path=out,
+            fix="choose a new --out or pass --overwrite",
+        )
+    if not is_shard_directory(out):
+        raise LlavaCError(
+            "output directory was not written by `llava-c data prepare` (no shard manifest), "
+            "so --overwrite will not replace it",
+            path=out,
+            fix="choose a new --out, or remove the folder yourself",
+        )
+
+
+def is_shard_directory(directory: Path) -> bool:
+    """Whether `directory` holds a manifest written by `prepare_shards`."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and {"schema_version", "source_sha256", "shards"} <= set(
+        manifest
+    )
 
 
 def write_shard(records: list[Record], image_folder: Path | None, path: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,15 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from llava_c_ray.data.records import IMAGE_TOKEN, Record
+from llava_c_ray.errors import LlavaCError
 
 ROLES = ("human", "gpt")
+
+# Largest image (width × height) a record may carry, read from the file header before decoding.
+# LLaVA-style sets top out near 12 MP for photos and ~30 MP for tall infographics, and the model
+# sees 336² anyway; 50 MP (150 MB as RGB) leaves room for those and stays under PIL's own
+# decompression-bomb threshold (~89 MP), so workers never meet PIL's check on a validated image.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,10 @@ class ValidationReport:
             {"index": p.index, "id": p.id, "kind": p.kind, "reason": p.message}
             for p in self.problems
         ]
+        if path.is_dir():
+            raise LlavaCError(
+                "the skipped-records file is a directory", path=path, fix="name a .json file"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(skipped, indent=2))
 
@@ -58,13 +70,14 @@ def validate_records(
     *,
     require_answers: bool = True,
     check_images: bool = True,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> ValidationReport:
     """Check shape, ids, turn order, empty turns, `<image>` placement and image files."""
     report = ValidationReport(path)
     seen: set[str] = set()
     for index, entry in enumerate(raw):
         record_id = str(entry.get("id")) if isinstance(entry, dict) and "id" in entry else None
-        found = record_problems(entry, image_folder, require_answers, check_images)
+        found = record_problems(entry, image_folder, require_answers, check_images, max_pixels)
         if record_id is not None and record_id in seen:
             found.append(("duplicate_id", "this id was used by an earlier record"))
         if found:
@@ -76,7 +89,11 @@ def validate_records(
 
 
 def record_problems(
-    entry: Any, image_folder: Path | None, require_answers: bool, check_images: bool
+    entry: Any,
+    image_folder: Path | None,
+    require_answers: bool,
+    check_images: bool,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[tuple[str, str]]:
     """The (kind, message) problems of one raw record; empty when it is valid."""
     shape = shape_problem(entry)
@@ -97,7 +114,7 @@ def record_problems(
     if image is None and count:
         problems.append(("image_token", f"has {count} `<image>` token(s) but no image"))
     if image is not None and check_images:
-        problems += image_problems(image, image_folder)
+        problems += image_problems(image, image_folder, max_pixels)
     return problems
 
 
@@ -138,15 +155,49 @@ def turn_problems(turns: list[dict], require_answers: bool) -> list[tuple[str, s
     return problems
 
 
-def image_problems(image: str, image_folder: Path | None) -> list[tuple[str, str]]:
+def image_problems(
+    image: str, image_folder: Path | None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> list[tuple[str, str]]:
     if image_folder is None:
         return [("missing_image", f"image {image!r} given but no image folder")]
-    path = Path(image_folder) / image
+    path = image_path(image, image_folder)
+    if path is None:
+        return [
+            (
+                "outside_image_folder",
+                f"image {image!r} leaves the image folder {image_folder}; "
+                "give a path relative to it that stays inside",
+            )
+        ]
     if not path.is_file():
         return [("missing_image", f"image file not found: {path}")]
     try:
-        with Image.open(path) as img:
-            img.verify()
+        with warnings.catch_warnings():
+            # The pixel limit below replaces PIL's decompression-bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    return [("oversized_image", oversized(path, width, height, max_pixels))]
+                img.verify()
+    except Image.DecompressionBombError as exc:
+        return [("oversized_image", f"image {path} exceeds PIL's pixel limit: {exc}")]
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         return [("unreadable_image", f"cannot read image {path}: {exc}")]
     return []
+
+
+def image_path(image: str, image_folder: Path) -> Path | None:
+    """The resolved file of `image` (symlinks followed), or None when it lies outside the folder."""
+    folder = Path(image_folder).resolve()
+    path = (folder / image).resolve()
+    if Path(image).is_absolute() or not path.is_relative_to(folder):
+        return None
+    return path
+
+
+def oversized(path: Path, width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"image {path} is {width}×{height} = {width * height:,} pixels, over the limit of "
+        f"{max_pixels:,}; downscale it, or raise the pixel limit (`max_pixels`)"
+    )

@@ -8,6 +8,7 @@ numbered shards and writes the index, so a checkpoint is never held in memory wh
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ class LazyCheckpoint:
         if weights == SINGLE_NAME and (self.root / INDEX_NAME).is_file():
             index = self.root / INDEX_NAME
         if index.is_file():
-            return json.loads(index.read_text())["weight_map"]
+            return self._read_index(index)
         if not (self.root / weights).is_file():
             raise LlavaCError(
                 f"no {weights} or its index in the checkpoint",
@@ -45,6 +46,30 @@ class LazyCheckpoint:
             )
         with self._safe_open(weights) as handle:
             return dict.fromkeys(handle.keys(), weights)
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        """The index's `weight_map`, every shard a file inside the checkpoint directory."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, RecursionError, TypeError, KeyError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise LlavaCError(
+                "corrupt index: expected a JSON object with a `weight_map` of tensor name -> file",
+                path=index,
+                fix="re-save or re-download the checkpoint",
+            )
+        for name, filename in weight_map.items():
+            # By name, not by resolving: Hugging Face cache snapshots are symlinks into ../blobs.
+            if os.path.isabs(filename) or os.path.normpath(filename).split(os.sep)[0] == "..":
+                raise LlavaCError(
+                    f"tensor {name!r} is mapped to {filename!r}, outside the checkpoint directory",
+                    path=index,
+                    fix="the weight_map may only name shard files inside the checkpoint directory",
+                )
+        return weight_map
 
     def _safe_open(self, filename: str):
         try:

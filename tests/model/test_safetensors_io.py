@@ -95,3 +95,45 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(LlavaCError, match="unreadable or truncated"):
         LazyCheckpoint(tmp_path).get("layer.4.weight")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"metadata": {}}',
+        '{"weight_map": ["a"]}',
+        '{"weight_map": {"a": 1}}',
+    ],
+    ids=["not-json", "list", "no-weight-map", "map-is-list", "file-not-string"],
+)
+def test_corrupt_index_is_a_named_error(text: str, tmp_path: Path) -> None:
+    (tmp_path / INDEX_NAME).write_text(text)
+    with pytest.raises(LlavaCError, match="corrupt index") as err:
+        LazyCheckpoint(tmp_path)
+    assert INDEX_NAME in str(err.value)
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "a/../../x"])
+def test_weight_map_outside_the_checkpoint_is_refused(target: str, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    save_file(sample_tensors(), str(tmp_path / "outside.safetensors"))
+    (checkpoint / INDEX_NAME).write_text(json.dumps({"weight_map": {"norm.bias": target}}))
+    with pytest.raises(LlavaCError, match="outside the checkpoint directory") as err:
+        LazyCheckpoint(checkpoint)
+    assert "norm.bias" in str(err.value) and target in str(err.value)
+
+
+def test_symlinked_shards_of_a_hub_cache_snapshot_are_read(tmp_path: Path) -> None:
+    """A Hugging Face cache snapshot links its files to ../../blobs; the names stay inside."""
+    tensors = sample_tensors()
+    (tmp_path / "blobs").mkdir()
+    snapshot = tmp_path / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    save_file(tensors, str(tmp_path / "blobs" / "1234"))
+    (snapshot / "model.safetensors").symlink_to(tmp_path / "blobs" / "1234")
+    index = {"weight_map": dict.fromkeys(tensors, "model.safetensors")}
+    (snapshot / INDEX_NAME).write_text(json.dumps(index))
+    assert torch.equal(LazyCheckpoint(snapshot).get("norm.bias"), tensors["norm.bias"])
