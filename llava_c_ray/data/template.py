@@ -5,10 +5,13 @@
 segments — each prompt segment, then each answer segment — so the prompt that generation later
 sees is tokenised exactly as in training. The first segment goes through the model's HF processor,
 which expands `<image>` into the image tokens exactly as transformers' LLaVA processor does.
+`CHAT_TEMPLATES` are the same two formats as Jinja chat templates, so that a checkpoint prompts
+other HF tools (`apply_chat_template`) with the very text these segments make.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import torch
@@ -33,14 +36,16 @@ def with_instruction(question: str, instruction: str) -> str:
     return f"{question}\n{instruction}"
 
 
+def unknown_template(template: str) -> LlavaCError:
+    return LlavaCError(f"unknown template {template!r}", fix=f"use one of: {', '.join(TEMPLATES)}")
+
+
 def prompt_segment(human: str, template: Template, first: bool) -> str:
     """The text of one user turn up to (and including) the assistant tag."""
     if template == "plain":
         return IMAGE_TOKEN if IMAGE_TOKEN in human else ""
     if template != "vicuna_v1":
-        raise LlavaCError(
-            f"unknown template {template!r}", fix=f"use one of: {', '.join(TEMPLATES)}"
-        )
+        raise unknown_template(template)
     head = f"{SYSTEM} " if first else ""
     return f"{head}USER: {human} ASSISTANT:"
 
@@ -53,6 +58,70 @@ def prompt_text(question: str, template: Template = "vicuna_v1", image: bool = F
     """The generation prompt for a single question (with `<image>` first when there is an image)."""
     human = f"{IMAGE_TOKEN}\n{question}" if image and IMAGE_TOKEN not in question else question
     return prompt_segment(human, template, first=True)
+
+
+# Jinja for HF's `apply_chat_template`: the text of `prompt_segment` / `answer_segment` turn by turn.
+# Content is a string (used verbatim) or a list of parts; text parts are joined by "\n" (a question
+# and its instruction, as `with_instruction` joins them), and an image part puts `<image>\n` before
+# the text unless the text holds `<image>` already (as `prompt_text` does).
+_CONTENT_MACROS = r"""
+{%- macro text_of(content) -%}
+  {%- if content is string -%}{{ content }}
+  {%- else -%}{{ content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') }}
+  {%- endif -%}
+{%- endmacro -%}
+{%- macro image_tokens(content) -%}
+  {%- if content is not string and '<image>' not in text_of(content) -%}
+    {%- for part in content if part['type'] in ['image', 'image_url'] -%}{{ '<image>\n' }}{%- endfor -%}
+  {%- endif -%}
+{%- endmacro -%}
+"""
+# vicuna_v1: a leading system message replaces the default system line (an empty one drops it).
+_VICUNA_V1_BODY = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set system = text_of(messages[0]['content']) -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- if system -%}{{ system ~ ' ' }}{%- endif -%}
+{%- for message in turns -%}
+  {%- if message['role'] == 'user' -%}
+    {{- 'USER: ' ~ image_tokens(message['content']) ~ text_of(message['content']) ~ ' ' -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- 'ASSISTANT: ' ~ text_of(message['content']) ~ '</s>' -}}
+  {%- else -%}
+    {{- raise_exception('vicuna_v1 takes user and assistant turns after an optional first system message, not ' ~ message['role']) -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}
+"""
+# plain (LLaVA pre-training): `<image>` for a user turn with an image, the answer, `</s>`; no text
+# of the user's and no system line.
+_PLAIN_BODY = r"""
+{%- for message in messages -%}
+  {%- if message['role'] == 'user' -%}
+    {%- if image_tokens(message['content']) or '<image>' in text_of(message['content']) -%}{{ '<image>' }}{%- endif -%}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- text_of(message['content']) ~ '</s>' -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+CHAT_TEMPLATES: dict[str, str] = {
+    "vicuna_v1": (
+        f"{{%- set system = {json.dumps(SYSTEM)} -%}}" + _CONTENT_MACROS + _VICUNA_V1_BODY
+    ).strip(),
+    "plain": (_CONTENT_MACROS + _PLAIN_BODY).strip(),
+}
+# What every checkpoint written here carries as its processor's and tokenizer's chat template.
+CHAT_TEMPLATE = CHAT_TEMPLATES["vicuna_v1"]
+
+
+def chat_template(template: Template) -> str:
+    """The Jinja chat template rendering `template`'s prompt text (see `CHAT_TEMPLATES`)."""
+    if template not in CHAT_TEMPLATES:
+        raise unknown_template(template)
+    return CHAT_TEMPLATES[template]
 
 
 def encode_example(

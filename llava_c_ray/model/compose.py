@@ -299,7 +299,7 @@ def _tokenizer_with_image_token(language_model: Path) -> Any:
 def _processor(tokenizer: Any, vision_tower: Path, vision_config: Any) -> Any:
     from transformers import AutoImageProcessor, LlavaProcessor
 
-    from llava_c_ray.model.tiny import CHAT_TEMPLATE
+    from llava_c_ray.data.template import CHAT_TEMPLATE  # imports torch: lazy like the rest here
 
     if not (vision_tower / "preprocessor_config.json").is_file():
         raise LlavaCError(
@@ -308,6 +308,8 @@ def _processor(tokenizer: Any, vision_tower: Path, vision_config: Any) -> Any:
             fix="download it with the CLIP checkpoint (openai/clip-vit-large-patch14-336 has one)",
         )
     image_processor = AutoImageProcessor.from_pretrained(vision_tower)
+    # Ours replaces any template the language model came with, on the tokenizer too.
+    tokenizer.chat_template = CHAT_TEMPLATE
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

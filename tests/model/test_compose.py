@@ -25,6 +25,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from llava_c_ray.data.template import CHAT_TEMPLATE, prompt_text
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.model import compose
 from llava_c_ray.model.compose import IMAGE_TOKEN, compose_llava
@@ -71,6 +72,7 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
     )
     lm.save_pretrained(root / "vicuna")
+    tokenizer.chat_template = "{{ 'a template of its own' }}"  # compose replaces it
     tokenizer.save_pretrained(root / "vicuna")
 
     image_processor = CLIPImageProcessorPil(
@@ -163,6 +165,20 @@ def test_processor_expands_image_token_and_model_runs(composed: Path) -> None:
         logits = model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape
     assert torch.isfinite(logits).all()
+
+
+def test_processor_and_tokenizer_prompt_with_our_template(composed: Path) -> None:
+    processor = AutoProcessor.from_pretrained(composed)
+    assert (composed / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}
+    ]
+    expected = prompt_text("what is this ?", image=True)
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == expected
+    text_only = [{"role": "user", "content": "what is this ?"}]
+    assert processor.tokenizer.apply_chat_template(
+        text_only, add_generation_prompt=True, tokenize=False
+    ) == prompt_text("what is this ?")
 
 
 def test_vision_tower_from_a_full_clip_checkpoint_and_safetensors_projector(
