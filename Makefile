@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -18,7 +18,11 @@ demo: $(STAMP)
 	$(BIN)/llava-c demo
 
 test: $(STAMP)
-	bash scripts/run_tests.sh
+	bash scripts/run_tests.sh --durations=25
+
+# The pure parts: no Ray cluster, no training (tests marked `integration` are left out).
+test-fast: $(STAMP)
+	bash scripts/run_tests.sh -m "not integration" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check llava_c_ray tests bench

@@ -103,15 +103,15 @@ def main() -> None:
     )
     results = run_job(job)
     print("3. sequential LoRA (finetune) through the five tasks:")
-    print("   stage          " + " ".join(f"{t[:10]:>10}" for t in results["tasks"]) + "   probe")
+    print("   stage          " + " ".join(f"{t[:10]:>10}" for t in results.tasks) + "   probe")
     for stage, row, gen in zip(
-        results["stages"], results["accuracy_matrix"], results["general"], strict=True
+        results.stages, results.accuracy_matrix, results.general, strict=True
     ):
         print(f"   {stage:<14} " + " ".join(f"{v:10.1f}" for v in row) + f"  {gen:6.1f}")
-    m = results["metrics"]
+    m = results.metrics
     print(
         f"   BWT {m['bwt']:.1f}, Forgetting {m['forgetting']:.1f}, general probe "
-        f"{results['general'][0]:.1f} -> {results['general'][-1]:.1f} "
+        f"{results.general[0]:.1f} -> {results.general[-1]:.1f} "
         f"(retention {m['general_retention']:.2f})"
     )
     if args.root is None:

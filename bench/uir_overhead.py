@@ -30,6 +30,7 @@ def setup(root: Path, wide: bool, batch: int):
     from llava_c_ray.builtin import build_tiny
     from llava_c_ray.config import job_from_dict
     from llava_c_ray.data.synthetic.benchmark import generate_benchmark
+    from llava_c_ray.methods.uir import UIRTerm
     from llava_c_ray.model.tiny import TinyDims
     from llava_c_ray.train.data import InquiryRows, StageCollator
     from llava_c_ray.train.spec import StageSpec
@@ -55,7 +56,7 @@ def setup(root: Path, wide: bool, batch: int):
         }
     )
     spec = StageSpec.from_job(
-        job, tasks=[job.tasks[0]], init=base, out=root / "out", uir_weight=1.0
+        job, tasks=[job.tasks[0]], init=base, out=root / "out", losses=(UIRTerm(1.0),)
     )
     processor = AutoProcessor.from_pretrained(base)
     model = load_model(spec)
@@ -63,7 +64,7 @@ def setup(root: Path, wide: bool, batch: int):
         model=model,
         args=TrainingArguments(str(root / "trainer"), use_cpu=True, report_to=[]),
         optimizers=(build_optimizer(model, spec.training), None),
-        uir_weight=1.0,
+        losses=spec.losses,
     )
     trainer.current_gradient_accumulation_steps = (
         1  # set by Trainer.train(); we call steps directly
@@ -71,7 +72,7 @@ def setup(root: Path, wide: bool, batch: int):
     rows = encoded_rows(spec, processor, batch)
     inquiries = InquiryRows(spec.inquiry, processor, spec.template, spec.inquiries_per_row, 0)
     plain = StageCollator(processor.tokenizer.pad_token_id, None, 0)(rows)
-    with_uir = StageCollator(processor.tokenizer.pad_token_id, inquiries, spec.uir_rows)(rows)
+    with_uir = StageCollator(processor.tokenizer.pad_token_id, inquiries, spec.inquiry_rows)(rows)
     return trainer, plain, with_uir
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_c_ray.config import job_from_dict
+from llava_c_ray.files import atomic_directory, move_into_place
 
 BASE_RECIPE = {
     "name": "builtin-base",
@@ -69,10 +70,8 @@ def build_tiny(benchmark: Path, out: Path, seed: int, dims=None) -> Path:
     # The template's fixed text is part of every prompt: its system line is one token, its role
     # tags are learnt as few.
     texts = benchmark_texts(benchmark) + ["USER: ASSISTANT:"] * 200
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_llava(tmp, texts, seed=seed, dims=dims, phrases=[SYSTEM])
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        build_tiny_llava(tmp, texts, seed=seed, dims=dims, phrases=[SYSTEM])
     return out
 
 
@@ -94,10 +93,8 @@ def pretrain_base(built: Builtin) -> Path:
     job = base_job(built)
     work = built.root / ".base-training"
     shutil.rmtree(work, ignore_errors=True)
-    spec = StageSpec.from_job(
-        job, tasks=job.tasks, init=built.tiny_model, out=work, uir_weight=0.0, name="base"
-    )
+    spec = StageSpec.from_job(job, tasks=job.tasks, init=built.tiny_model, out=work, name="base")
     result = run_stage(spec)
-    result.model_dir.rename(built.base_model)
+    move_into_place(result.model_dir, built.base_model)
     shutil.rmtree(work, ignore_errors=True)
     return built.base_model

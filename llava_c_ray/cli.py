@@ -6,18 +6,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from llava_c_ray.config import dump_job, load_job
+from llava_c_ray import packaged_jobs
+from llava_c_ray.config import JobConfig, dump_job, load_job
 from llava_c_ray.consolidate import command as consolidate_command
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.model import compose as compose_command
 from llava_c_ray.search import command as search_command
 
-DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
-COMPARE_METHODS = ("finetune", "sac", "uir", "llava_c", "joint")
+
+def load(path: Path, overrides: list[str], *, check_files: bool = True) -> JobConfig:
+    """A job (a file, or a packaged job's name) validated down to its method's parameters."""
+    from llava_c_ray.methods import bind
+
+    job = load_job(packaged_jobs.resolve_job(path), overrides, check_files=check_files)
+    bind(job)
+    return job
 
 
 def config_show(args: argparse.Namespace) -> int:
-    print(dump_job(load_job(args.job, args.overrides, check_files=not args.no_check_files)), end="")
+    print(dump_job(load(args.job, args.overrides, check_files=not args.no_check_files)), end="")
     return 0
 
 
@@ -25,32 +32,41 @@ def run(args: argparse.Namespace) -> int:
     from llava_c_ray.evaluate.report import run_report
     from llava_c_ray.pipeline import run_job
 
-    job = load_job(args.job, args.overrides)
+    job = load(args.job, args.overrides)
     print(run_report(run_job(job, args.run_dir, force_new=args.force_new)))
     return 0
 
 
+def demo_methods(args: argparse.Namespace) -> list[str | None]:
+    """The methods the demo runs: --methods, every registered one (--compare), or the job's own."""
+    from llava_c_ray.methods import METHODS, get_method
+
+    if args.methods:
+        return [get_method(name.strip()).name for name in args.methods.split(",")]
+    return list(METHODS) if args.compare else [None]
+
+
 def demo(args: argparse.Namespace) -> int:
-    """Build (or reuse) the built-in benchmark and base model, then run jobs/demo.yaml on them."""
+    """Build (or reuse) the built-in benchmark and base model, then run the packaged demo job."""
     from llava_c_ray.builtin import ensure_builtin
     from llava_c_ray.evaluate.report import comparison_table, run_report
     from llava_c_ray.pipeline import run_job
 
+    methods = demo_methods(args)  # an unknown name fails here, before anything is built
     built = ensure_builtin(args.out / "builtin")
     paths = [
         f"benchmark.path={built.benchmark}",
         f"model.path={built.base_model}",
         f"storage.path={args.out}",
     ]
-    methods = COMPARE_METHODS if args.compare else (None,)
+    chosen = [[f"method.name={m}", f"name=demo-{m}"] if m else [] for m in methods]
+    jobs = [load(args.job, [*paths, *c, *args.overrides]) for c in chosen]  # all checked first
     runs = []
-    for method in methods:
-        chosen = [f"method.name={method}", f"name=demo-{method}"] if method else []
-        job = load_job(args.job, [*paths, *chosen, *args.overrides])
+    for job in jobs:
         results = run_job(job, force_new=args.force_new)
         print(run_report(results), flush=True)
         runs.append(results)
-    if args.compare:
+    if len(runs) > 1:
         print("\n" + comparison_table(runs))
     return 0
 
@@ -62,7 +78,7 @@ def report(args: argparse.Namespace) -> int:
     runs = [load_results(path) for path in args.run_dirs]
     for path, results in zip(args.run_dirs, runs, strict=True):
         print(run_report(results) + "\n")
-        if results.get("accuracy_matrix"):
+        if results.accuracy_matrix:
             draw_run_plots(path, results)
     if len(runs) > 1:
         print(comparison_table(runs))
@@ -70,19 +86,11 @@ def report(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from llava_c_ray.methods import get_method
-    from llava_c_ray.train.spec import StageSpec
+    from llava_c_ray.pipeline import standalone_stage_spec
     from llava_c_ray.train.stage import run_stage
 
-    job = load_job(args.job, args.overrides)
-    spec = StageSpec.from_job(
-        job,
-        tasks=[job.task(args.task)],
-        init=args.init,
-        out=args.out,
-        uir_weight=get_method(job.method.name).uir_weight(job),
-    )
-    result = run_stage(spec)
+    job = load(args.job, args.overrides)
+    result = run_stage(standalone_stage_spec(job, args.task, args.init, args.out))
     print(f"θ_t: {result.model_dir}\nadapter: {result.adapter_dir}\nsteps: {result.steps}")
     return 0
 
@@ -126,13 +134,34 @@ def methods_list(args: argparse.Namespace) -> int:
     from llava_c_ray.methods import METHODS
 
     for method in METHODS.values():
-        print(f"{method.name:10s} {method.summary}")
+        print(f"{method.name:16s} {method.summary}  [consolidation: {method.consolidation}]")
+        for line in method.parameter_lines():
+            print(f"{'':18s}{line}")
+    return 0
+
+
+def jobs_list(args: argparse.Namespace) -> int:
+    print(f"packaged jobs ({packaged_jobs.JOBS_DIR}):")
+    for name in packaged_jobs.job_names():
+        print(f"  {name:32s} {packaged_jobs.summary(packaged_jobs.packaged_job(name))}")
+    return 0
+
+
+def jobs_show(args: argparse.Namespace) -> int:
+    print(packaged_jobs.packaged_job(args.name).read_text(), end="")
+    return 0
+
+
+def jobs_copy(args: argparse.Namespace) -> int:
+    print(f"wrote {packaged_jobs.copy_job(args.name, args.dest, overwrite=args.overwrite)}")
     return 0
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job", type=Path, help="job YAML")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-4")
+    parser.add_argument("job", type=Path, help="job YAML, or a packaged job's name (llava-c jobs)")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides anywhere after JOB, e.g. training.lr=1e-4"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,13 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=run)
 
     p = commands.add_parser("demo", help="the main job on the built-in tiny model and benchmark")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of jobs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the packaged demo job")
     p.add_argument(
         "--out", type=Path, default=Path("runs"), help="where the builtin model and runs go"
     )
-    p.add_argument("--job", type=Path, default=DEMO_JOB, help=argparse.SUPPRESS)
     p.add_argument(
-        "--compare", action="store_true", help=f"run {', '.join(COMPARE_METHODS)} and compare"
+        "--job", type=Path, default=packaged_jobs.JOBS_DIR / "demo.yaml", help=argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--compare", action="store_true", help="run every registered method and compare them"
+    )
+    p.add_argument(
+        "--methods", metavar="A,B,...", help="run these methods (comma-separated) and compare them"
     )
     p.add_argument(
         "--force-new", action="store_true", help="move an existing run of another config aside"
@@ -223,11 +257,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("methods", help="list the registered methods")
     p.set_defaults(handler=methods_list)
+
+    jobs = commands.add_parser("jobs", help="the job YAMLs shipped with the package")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    p = jobs_commands.add_parser("list", help="list the packaged jobs")
+    p.set_defaults(handler=jobs_list)
+    p = jobs_commands.add_parser("show", help="print a packaged job")
+    p.add_argument("name", help="packaged job name, e.g. demo")
+    p.set_defaults(handler=jobs_show)
+    p = jobs_commands.add_parser("copy", help="copy a packaged job to edit it")
+    p.add_argument("name", help="packaged job name, e.g. demo")
+    p.add_argument("dest", help="destination file, or a directory (existing, or ending in /)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DEST file")
+    p.set_defaults(handler=jobs_copy)
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with positionals and options intermixed, so overrides may follow or precede options.
+
+    argparse's parse_intermixed_args refuses parsers with subcommands, so the subcommand words
+    are followed down to the leaf command's parser, which then parses the rest intermixed.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    leaf, depth = parser, 0
+    while (choices := subcommands(leaf)) and depth < len(argv) and argv[depth] in choices:
+        leaf, depth = choices[argv[depth]], depth + 1
+    if subcommands(leaf):  # no (or an unknown) subcommand: argparse's own usage error or help
+        return parser.parse_args(argv)
+    return leaf.parse_intermixed_args(argv[depth:])
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser's subcommand parsers by name (empty for a leaf command)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.handler(args)
     except LlavaCError as exc:

@@ -21,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llava_c_ray.errors import LlavaCError
 
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+RESULT_NEUTRAL = {"affects_results": False}
+"""Marks a field that changes how a run logs, reads ahead or caches, never what it computes: a run
+directory reopened with only such keys changed resumes under the new config."""
 Scoring = Literal["exact", "choice", "bbox", "f1"]
 
 
@@ -102,7 +105,8 @@ class MethodConfig(Section):
     name: str = "llava_c"
     """A registered method (`llava-c methods` lists them)."""
     params: dict[str, Any] = Field(default_factory=dict)
-    """Method-specific parameters."""
+    """The method's own parameters (`llava-c methods` lists them with their defaults); checked
+    by the method when the job is loaded."""
 
 
 class TrainingConfig(Section):
@@ -150,18 +154,18 @@ class TrainingConfig(Section):
     """Global gradient-norm clip."""
     seed: int = 0
     """Seed of data order, LoRA init and dropout."""
-    log_every: int = Field(default=10, gt=0)
+    log_every: int = Field(default=10, gt=0, json_schema_extra=RESULT_NEUTRAL)
     """Log the loss terms, learning rate and tokens/s (console, TensorBoard) every N optimizer
     steps, averaged over them."""
     checkpoint_every: int = Field(default=50, gt=0)
     """Report a Ray Train checkpoint every N optimizer steps."""
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts allowed per stage (resuming from the last checkpoint)."""
-    prefetch_batches: int = Field(default=2, ge=0)
+    prefetch_batches: int = Field(default=2, ge=0, json_schema_extra=RESULT_NEUTRAL)
     """Micro-batches read and encoded ahead of each training worker's step."""
     shuffle_buffer: int = Field(default=256, gt=0)
     """Rows of the worker's data shard shuffled together (reseeded every epoch)."""
-    encode_cache_mb: int = Field(default=1024, ge=0)
+    encode_cache_mb: int = Field(default=1024, ge=0, json_schema_extra=RESULT_NEUTRAL)
     """Memory per worker for encoded rows (pixel values, token ids) reused in later epochs; rows
     past it are encoded again every epoch. 0 turns the cache off."""
     group_by_length: bool = False
@@ -177,8 +181,9 @@ class TrainingConfig(Section):
 
 
 class ConsolidationConfig(Section):
-    method: Literal["sac", "modelmix", "none"] | None = None
-    """Consolidation after each stage; None takes the method's own choice."""
+    method: str | None = None
+    """Consolidation rule after each stage (sac | modelmix | none, from the rule registry);
+    None takes the method's own."""
     alpha: float = Field(default=0.2, ge=0, le=1)
     """Consolidation strength α of SAC / ModelMix (SPEC.md §2.2)."""
     boundary: Literal["pad", "truncate"] = "pad"
@@ -269,7 +274,7 @@ class ClusterConfig(Section):
 class StorageConfig(Section):
     path: str = "runs"
     """Where run directories go: a local path, NFS mount, or s3:// / gs:// URI."""
-    local_cache: Path = Path("runs-cache")
+    local_cache: Path = Field(default=Path("runs-cache"), validate_default=True)
     """With a URI `path`: the local working copy of the run directory, mirrored to the URI after
     every step (and fetched from it to resume on a new machine)."""
 
@@ -401,9 +406,6 @@ def job_from_dict(
         job = JobConfig.model_validate(data)
     except ValidationError as exc:
         raise LlavaCError(describe_validation_error(exc), path=source) from None
-    from llava_c_ray.methods import get_method
-
-    get_method(job.method.name)
     if check_files:
         check_data_files(job, source)
     return job
@@ -570,6 +572,18 @@ def _data_paths(job: JobConfig) -> list[tuple[str, Path]]:
                 if value is not None:
                     paths.append((f"{key}.{field}", value))
     return paths
+
+
+def result_neutral_keys(section: type[BaseModel] | None = None, prefix: str = "") -> frozenset[str]:
+    """Dotted keys of the fields marked `RESULT_NEUTRAL`, through the nested sections."""
+    keys: set[str] = set()
+    for name, field in (section or JobConfig).model_fields.items():
+        if field.json_schema_extra == RESULT_NEUTRAL:
+            keys.add(prefix + name)
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            keys |= result_neutral_keys(inner, f"{prefix}{name}.")
+    return frozenset(keys)
 
 
 def dump_job(job: JobConfig) -> str:

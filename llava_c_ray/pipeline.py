@@ -1,8 +1,9 @@
 """The continual pipeline: for every stage, train → (search α) → consolidate → evaluate every task.
 
 Each step's outputs are recorded in the run directory's manifest as soon as the step finishes, so
-rerunning the same job resumes at the first unfinished step. The pipeline asks the job's `Method`
-what to do (stages, UIR weight, consolidation) and never branches on method names.
+rerunning the same job resumes at the first unfinished step. The pipeline calls the hooks of the
+job's method (llava_c_ray/methods/base.py: stages, training parts, after-training work, consolidation
+rule, model loader) and never branches on method or rule names.
 """
 
 from __future__ import annotations
@@ -12,13 +13,22 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from llava_c_ray.config import JobConfig
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.methods import Method, Stage, get_method
+from llava_c_ray.files import write_json_atomic
+from llava_c_ray.methods import BoundMethod, Stage, StageContext, TrainedStage, bind
+from llava_c_ray.methods.base import one_stage_per_task
 from llava_c_ray.ray_session import ensure_ray
-from llava_c_ray.rundir import RunDir, open_run_dir, write_json_atomic
+from llava_c_ray.run_records import (
+    AfterTrainingRecord,
+    ConsolidateRecord,
+    EvaluateRecord,
+    Results,
+    SearchRecord,
+    TrainRecord,
+)
+from llava_c_ray.rundir import RunDir, open_run_dir
 
 
 @dataclass
@@ -26,13 +36,29 @@ class Pipeline:
     """One run: the job, its method, its run directory and the model it starts from."""
 
     job: JobConfig
-    method: Method
+    method: BoundMethod
     run: RunDir
     initial_model: Path
 
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.job.tasks]
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.method.stages(self.task_names)
+
+    def context(self, stage: Stage, start_model: Path) -> StageContext:
+        """What the method's hooks see of `stage`."""
+        return StageContext(
+            job=self.job,
+            params=self.method.params,
+            stage=stage,
+            stages=tuple(self.stages),
+            start_model=start_model,
+            stage_dir=self.run.stage_dir(stage.dirname),
+            state_dir=self.run.path / "method",
+        )
 
 
 def local_root(job: JobConfig) -> Path:
@@ -70,18 +96,16 @@ def open_run(job: JobConfig, run_dir: Path | None, force_new: bool) -> RunDir:
     return run
 
 
-def run_job(
-    job: JobConfig, run_dir: Path | None = None, *, force_new: bool = False
-) -> dict[str, Any]:
+def run_job(job: JobConfig, run_dir: Path | None = None, *, force_new: bool = False) -> Results:
     """Run (or resume) the whole task sequence of `job`; returns the results written to results.json."""
-    method = get_method(job.method.name)
+    method = bind(job)
     run = open_run(job, run_dir, force_new)
     initial = resolve_initial_model(job)
     ensure_ray()
     pipe = Pipeline(job, method, run, initial)
     model = initial
     evaluate_step(pipe, Stage(0, "initial", ()), model)
-    for stage in method.stages(pipe.task_names):
+    for stage in pipe.stages:
         model = run_stage_steps(pipe, stage, model)
     results = write_results(pipe)
     from llava_c_ray.evaluate.plots import draw_run_plots
@@ -113,14 +137,15 @@ def run_stage_steps(pipe: Pipeline, stage: Stage, start_model: Path) -> Path:
         stage.index, name=stage.name, tasks=list(stage.tasks), start=str(start_model)
     )
     trained = train_step(pipe, stage, start_model)
+    after_training_step(pipe, stage, start_model, trained)
     alpha = search_step(pipe, stage, start_model, trained)
     model = consolidate_step(pipe, stage, start_model, trained, alpha)
     evaluate_step(pipe, stage, model)
     return model
 
 
-def train_step(pipe: Pipeline, stage: Stage, start_model: Path) -> dict[str, Any]:
-    done = pipe.run.step(stage.index, "train")
+def train_step(pipe: Pipeline, stage: Stage, start_model: Path) -> TrainRecord:
+    done = pipe.run.stage(stage.index).steps.train
     if done:
         return done
     from llava_c_ray.train.stage import run_stage
@@ -132,38 +157,74 @@ def train_step(pipe: Pipeline, stage: Stage, start_model: Path) -> dict[str, Any
     started = time.time()
     spec = stage_spec(pipe, stage, start_model, out)
     result = run_stage(spec)
-    pipe.run.record(
-        stage.index,
-        "train",
-        model=str(result.model_dir),
-        adapter=str(result.adapter_dir) if result.adapter_dir else None,
+    record = TrainRecord(
+        model=result.model_dir,
+        adapter=result.adapter_dir,
         steps=result.steps,
+        finished=time.time(),
         seconds=time.time() - started,
     )
-    return pipe.run.step(stage.index, "train")
+    pipe.run.record(stage.index, record)
+    return record
 
 
 def stage_spec(pipe: Pipeline, stage: Stage, start_model: Path, out: Path):
-    from llava_c_ray.train.stage import StageSpec
+    return spec_for(pipe.job, pipe.method, pipe.context(stage, start_model), out)
 
+
+def spec_for(job: JobConfig, method: BoundMethod, ctx: StageContext, out: Path):
+    """The stage's training spec with what the method adds to it."""
+    from llava_c_ray.train.spec import StageSpec
+
+    parts = method.method.training(ctx)
     return StageSpec.from_job(
-        pipe.job,
-        tasks=[pipe.job.task(name) for name in stage.tasks],
-        init=start_model,
+        job,
+        tasks=ctx.tasks(),
+        init=parts.init or ctx.start_model,
         out=out,
-        uir_weight=pipe.method.uir_weight(pipe.job),
+        losses=parts.losses,
+        step_hooks=parts.step_hooks,
+        setup=parts.setup,
+        extra_files=parts.extra_files,
     )
 
 
-def search_step(pipe: Pipeline, stage: Stage, start_model: Path, trained: dict[str, Any]) -> float:
+def standalone_stage_spec(job: JobConfig, task: str, init: Path, out: Path):
+    """`llava-c train`: one task of the job as the stage it is in a task-by-task sequence, with
+    the method's state (if any) kept under `out/method`."""
+    job.task(task)  # an unknown task fails here, listing the job's tasks
+    method = bind(job)
+    stages = tuple(one_stage_per_task([t.name for t in job.tasks]))
+    stage = next(s for s in stages if s.tasks == (task,))
+    out = Path(out).absolute()
+    ctx = StageContext(
+        job, method.params, stage, stages, Path(init).absolute(), out, out / "method"
+    )
+    return spec_for(job, method, ctx, out)
+
+
+def after_training_step(
+    pipe: Pipeline, stage: Stage, start_model: Path, trained: TrainRecord
+) -> None:
+    """The method's driver-side work on the trained stage (e.g. a Fisher estimate), once."""
+    hook = pipe.method.method.after_training
+    if hook is None or pipe.run.stage(stage.index).steps.after_training:
+        return
+    started = time.time()
+    hook(pipe.context(stage, start_model), TrainedStage(trained.model, trained.adapter))
+    record = AfterTrainingRecord(finished=time.time(), seconds=time.time() - started)
+    pipe.run.record(stage.index, record)
+
+
+def search_step(pipe: Pipeline, stage: Stage, start_model: Path, trained: TrainRecord) -> float:
     """α for this stage: the job's fixed α, or the best of a Ray Tune search when enabled."""
     job = pipe.job
-    rule = pipe.method.consolidation_for(job)
-    if not job.search.enabled or rule == "none":
+    rule = pipe.method.rule
+    if not job.search.enabled or not rule.consolidates:
         return job.consolidation.alpha
-    done = pipe.run.step(stage.index, "search")
+    done = pipe.run.stage(stage.index).steps.search
     if done:
-        return done["alpha"]
+        return done.alpha
     from llava_c_ray.search.tune import search_alpha
 
     stage_dir = pipe.run.stage_dir(stage.dirname)
@@ -179,42 +240,41 @@ def search_step(pipe: Pipeline, stage: Stage, start_model: Path, trained: dict[s
         base=start_model,
         factors=stage_dir / "factors",
         out=out,
-        rule=rule,
+        rule=rule.name,
+        loader=pipe.method.method.load_model,
         **trained_source(trained),
     )
-    pipe.run.record(
-        stage.index,
-        "search",
+    record = SearchRecord(
         alpha=result.best_alpha,
-        rule=rule,
+        rule=rule.name,
         trials=result.trials,
-        experiment=str(result.experiment_path),
+        experiment=result.experiment_path,
+        finished=time.time(),
         seconds=time.time() - started,
     )
+    pipe.run.record(stage.index, record)
     return result.best_alpha
 
 
 def earlier_tasks(pipe: Pipeline, stage: Stage) -> list[str]:
     """Tasks trained in the stages before `stage` (the α search's "old" group)."""
-    earlier = pipe.method.stages(pipe.task_names)[: stage.index - 1]
-    return [name for s in earlier for name in s.tasks if name not in stage.tasks]
+    return [t.name for t in pipe.context(stage, Path()).earlier_tasks()]
 
 
-def trained_source(trained: dict[str, Any]) -> dict[str, Path]:
+def trained_source(trained: TrainRecord) -> dict[str, Path]:
     """The LoRA adapter when there is one (exact low-rank SVD, cheap), else the merged model."""
-    adapter = trained.get("adapter")
-    return {"adapter": Path(adapter)} if adapter else {"tuned": Path(trained["model"])}
+    return {"adapter": trained.adapter} if trained.adapter else {"tuned": trained.model}
 
 
 def consolidate_step(
-    pipe: Pipeline, stage: Stage, start_model: Path, trained: dict[str, Any], alpha: float
+    pipe: Pipeline, stage: Stage, start_model: Path, trained: TrainRecord, alpha: float
 ) -> Path:
-    kind = pipe.method.consolidation_for(pipe.job)
-    if kind == "none":
-        return Path(trained["model"])
-    done = pipe.run.step(stage.index, "consolidate")
+    rule = pipe.method.rule
+    if not rule.consolidates:
+        return trained.model
+    done = pipe.run.stage(stage.index).steps.consolidate
     if done:
-        return Path(done["model"])
+        return done.model
     from llava_c_ray.consolidate.engine import consolidate_checkpoint
 
     stage_dir = pipe.run.stage_dir(stage.dirname)
@@ -224,7 +284,7 @@ def consolidate_step(
         start_model,
         out,
         **trained_source(trained),
-        method=kind,
+        method=rule.name,
         alpha=alpha,
         boundary=pipe.job.consolidation.boundary,
         overwrite=True,
@@ -232,20 +292,20 @@ def consolidate_step(
         progress=False,
     )
     (out / "sac_stats.json").replace(stage_dir / "sac_stats.json")
-    pipe.run.record(
-        stage.index,
-        "consolidate",
-        model=str(out),
-        method=kind,
+    record = ConsolidateRecord(
+        model=out,
+        method=rule.name,
         alpha=alpha,
+        finished=time.time(),
         seconds=time.time() - started,
     )
-    pipe.run.update_stage(stage.index, alpha=alpha, checkpoint=str(out))
+    pipe.run.record(stage.index, record)
+    pipe.run.update_stage(stage.index, alpha=alpha, checkpoint=out)
     return out
 
 
 def evaluate_step(pipe: Pipeline, stage: Stage, model: Path) -> None:
-    if pipe.run.step(stage.index, "evaluate"):
+    if pipe.run.stage(stage.index).steps.evaluate:
         return
     from llava_c_ray.evaluate.evaluator import evaluate_checkpoint
 
@@ -262,17 +322,18 @@ def evaluate_step(pipe: Pipeline, stage: Stage, model: Path) -> None:
         template=pipe.job.model.template,
         out=out,
         use_gpu=pipe.job.cluster.use_gpu,
+        loader=pipe.method.method.load_model,
     )
     scores = dict(result.scores)
     general = scores.pop(GENERAL, None)
-    pipe.run.record(
-        stage.index,
-        "evaluate",
+    record = EvaluateRecord(
         scores=scores,
         general=general,
-        eval=str(out),
+        eval=out,
+        finished=time.time(),
         seconds=time.time() - started,
     )
+    pipe.run.record(stage.index, record)
     write_results(pipe)
 
 
@@ -284,7 +345,7 @@ def eval_tasks(pipe: Pipeline, stage: Stage) -> list:
     from llava_c_ray.evaluate.evaluator import EvalTask
 
     job = pipe.job
-    seen = {name for s in pipe.method.stages(pipe.task_names)[: stage.index] for name in s.tasks}
+    seen = {name for s in pipe.stages[: stage.index] for name in s.tasks}
     tasks = [
         EvalTask(t.name, t.test, t.image_folder, t.scoring, t.instruction)
         for t in job.tasks
@@ -299,35 +360,36 @@ def eval_tasks(pipe: Pipeline, stage: Stage) -> list:
 def accuracy_matrix(pipe: Pipeline) -> tuple[list[list[float | None]], list[float | None]]:
     """Rows = stages 0..T recorded so far, columns = tasks; plus the general score per stage."""
     rows, general = [], []
-    for stage in pipe.run.manifest["stages"]:
-        record = stage["steps"].get("evaluate")
+    for stage in pipe.run.manifest.stages:
+        record = stage.steps.evaluate
         if not record:
             break
-        rows.append([record["scores"].get(name) for name in pipe.task_names])
-        general.append(record.get("general"))
+        rows.append([record.scores.get(name) for name in pipe.task_names])
+        general.append(record.general)
     return rows, general
 
 
-def write_results(pipe: Pipeline) -> dict[str, Any]:
+def write_results(pipe: Pipeline) -> Results:
     """results.json and accuracy_matrix.csv from what the manifest holds now."""
     from llava_c_ray.evaluate.metrics import continual_metrics
 
     matrix, general = accuracy_matrix(pipe)
-    finished = len(matrix) == len(pipe.method.stages(pipe.task_names)) + 1
-    results = {
-        "job": pipe.job.name,
-        "method": pipe.method.name,
-        "tasks": pipe.task_names,
-        "stages": [s.get("name", "initial") for s in pipe.run.manifest["stages"]][: len(matrix)],
-        "accuracy_matrix": matrix,
-        "general": general,
-        "finished": finished,
-        "metrics": continual_metrics(matrix, general) if finished else {},
-    }
-    write_json_atomic(pipe.run.path / "results.json", results)
+    finished = len(matrix) == len(pipe.stages) + 1
+    results = Results(
+        job=pipe.job.name,
+        method=pipe.method.method.name,
+        tasks=pipe.task_names,
+        stages=[s.name for s in pipe.run.manifest.stages][: len(matrix)],
+        accuracy_matrix=matrix,
+        general=general,
+        finished=finished,
+        metrics=continual_metrics(matrix, general) if finished else {},
+        chance={t.name: t.chance for t in pipe.job.tasks},
+    )
+    write_json_atomic(pipe.run.path / "results.json", results.model_dump(mode="json"))
     with open(pipe.run.path / "accuracy_matrix.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["stage", *pipe.task_names, GENERAL])
-        for name, row, gen in zip(results["stages"], matrix, general, strict=True):
+        for name, row, gen in zip(results.stages, matrix, general, strict=True):
             writer.writerow([name, *row, gen])
     return results

@@ -12,8 +12,6 @@ RUN_DIR/plots/*.png
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,17 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from llava_c_ray.config import JobConfig, dump_job
+from llava_c_ray.config import JobConfig, dump_job, result_neutral_keys
 from llava_c_ray.errors import LlavaCError
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary sibling and rename it over `path`: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+from llava_c_ray.files import write_json_atomic
+from llava_c_ray.run_records import Manifest, StageRecord, StepRecord
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -48,13 +41,13 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 @dataclass
 class RunDir:
-    """A run directory and its manifest; every `record` rewrites manifest.json atomically.
+    """A run directory and its typed manifest; every `record` rewrites manifest.json atomically.
 
     With a `mirror` URI (s3://, gs://, file://) every save also uploads what changed.
     """
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     mirror: str | None = None
 
     @property
@@ -64,55 +57,73 @@ class RunDir:
     def stage_dir(self, dirname: str) -> Path:
         return self.path / "stages" / dirname
 
-    def stage(self, index: int) -> dict[str, Any]:
-        stages = self.manifest["stages"]
+    def stage(self, index: int) -> StageRecord:
+        stages = self.manifest.stages
         while len(stages) <= index:
-            stages.append({"index": len(stages), "steps": {}})
+            stages.append(StageRecord(index=len(stages)))
         return stages[index]
 
-    def step(self, index: int, step: str) -> dict[str, Any] | None:
-        """The record of a finished step, or None if it has not finished."""
-        record = self.stage(index)["steps"].get(step)
-        return record if record and record.get("status") == "done" else None
-
-    def record(self, index: int, step: str, **info: Any) -> None:
-        """Mark a step done with its outputs and save the manifest."""
-        self.stage(index)["steps"][step] = {"status": "done", "finished": time.time(), **info}
+    def record(self, index: int, record: StepRecord) -> None:
+        """Mark a step of stage `index` done with its outputs and save the manifest."""
+        setattr(self.stage(index).steps, record.step, record)
         self.save()
 
     def update_stage(self, index: int, **info: Any) -> None:
-        self.stage(index).update(info)
+        stage = self.stage(index)
+        for key, value in info.items():
+            setattr(stage, key, value)
         self.save()
 
     def save(self) -> None:
-        self.manifest["updated"] = time.time()
-        write_json_atomic(self.manifest_file, self.manifest)
+        self.manifest.updated = time.time()
+        write_json_atomic(
+            self.manifest_file, self.manifest.model_dump(mode="json", exclude_none=True)
+        )
         self.sync()
 
     def sync(self) -> None:
-        """Upload the files the mirror lacks (a no-op without a mirror)."""
+        """Upload what changed to the mirror (a no-op without a mirror)."""
         if self.mirror:
             from llava_c_ray.storage import sync_up
 
             sync_up(self.path, self.mirror)
 
 
-# Keys that change how a run reports or feeds its workers, never what it computes: a run reopened
-# with only these changed (or added by a newer llava-c with their defaults) resumes.
-RESULT_NEUTRAL_KEYS = frozenset(
-    {"training.log_every", "training.prefetch_batches", "training.encode_cache_mb"}
-)
+def read_manifest(path: Path) -> Manifest:
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise LlavaCError(
+            f"manifest is not a llava-c manifest ({exc.error_count()} problem(s), first: "
+            f"{exc.errors()[0]['msg']} at {'.'.join(str(p) for p in exc.errors()[0]['loc'])})",
+            path=path,
+            fix="use --force-new (moves the run aside) or another --run-dir",
+        ) from None
 
-# Keys added after runs existed, with the value that does what llava-c did before them: a run written
-# without the key resumes under a config that holds that value.
-ADDED_KEYS = {"training.group_by_length": False}
-ADDED_UNCHANGED = frozenset(f"{key}: None -> {value!r}" for key, value in ADDED_KEYS.items())
+
+def stored_differences(path: Path, job: JobConfig) -> list[str]:
+    """How `job` differs from the config a run was started with, in keys that affect results.
+
+    The stored config is validated through the current schema first, so a key added since the run
+    started takes its default (what llava-c did before it existed) and does not count; keys whose
+    field says they do not affect results (`result_neutral_keys`) never count."""
+    stored = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    try:
+        old = JobConfig.model_validate(stored).model_dump(mode="json")
+    except ValidationError as exc:
+        return [f"the stored config does not validate under this llava-c: {exc.errors()[0]['msg']}"]
+    neutral = result_neutral_keys()
+    return [
+        d
+        for d in config_differences(old, job.model_dump(mode="json"))
+        if d.split(":")[0] not in neutral
+    ]
 
 
 def adopt(run: RunDir, job: JobConfig) -> RunDir:
     """Record `job` as the run's config: it differs from the old one in result-neutral keys only."""
     (run.path / "config.yaml").write_text(dump_job(job))
-    run.manifest["config_hash"] = job.hash()
+    run.manifest.config_hash = job.hash()
     run.save()
     return run
 
@@ -120,27 +131,17 @@ def adopt(run: RunDir, job: JobConfig) -> RunDir:
 def open_run_dir(path: Path, job: JobConfig, *, force_new: bool = False) -> RunDir:
     """Create a run directory, or reopen one started with the same config to resume it.
 
-    A directory holding a different job is refused with the differing keys (keys in
-    `RESULT_NEUTRAL_KEYS`, and `ADDED_KEYS` at their former behaviour, do not count: the run resumes
-    under the new config); with `force_new` it is
-    moved aside to `<path>.old-<time>` (nothing is deleted) and a fresh run starts.
+    A directory holding a different job is refused with the differing keys (`stored_differences`:
+    keys added since, at their defaults, and result-neutral keys do not count — the run resumes
+    under the new config); with `force_new` it is moved aside to `<path>.old-<time>` (nothing is
+    deleted) and a fresh run starts.
     """
     manifest_file = path / "manifest.json"
     if manifest_file.exists():
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise LlavaCError(
-                f"manifest is not valid JSON ({exc})", path=manifest_file, fix="use --force-new"
-            ) from exc
-        if manifest.get("config_hash") == job.hash():
+        manifest = read_manifest(manifest_file)
+        if manifest.config_hash == job.hash():
             return RunDir(path, manifest)
-        old = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        diffs = [
-            d
-            for d in config_differences(old, job.model_dump(mode="json"))
-            if d.split(":")[0] not in RESULT_NEUTRAL_KEYS and d not in ADDED_UNCHANGED
-        ]
+        diffs = stored_differences(path, job)
         if not diffs:
             return adopt(RunDir(path, manifest), job)
         if not force_new:
@@ -159,15 +160,9 @@ def open_run_dir(path: Path, job: JobConfig, *, force_new: bool = False) -> RunD
         )
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(dump_job(job))
-    run = RunDir(
-        path,
-        {
-            "job": job.name,
-            "method": job.method.name,
-            "config_hash": job.hash(),
-            "created": time.time(),
-            "stages": [],
-        },
+    manifest = Manifest(
+        job=job.name, method=job.method.name, config_hash=job.hash(), created=time.time()
     )
+    run = RunDir(path, manifest)
     run.save()
     return run

@@ -84,7 +84,6 @@ def test_hash_changes_with_config(job_file: Path) -> None:
         ("search.space=[]", "search.space"),
         ("search.space=[0.1, 2.0]", "search.space"),
         ("consolidation.boundary=wrap", "consolidation.boundary"),
-        ("method.name=nope", "method.name"),
         ("tasks.5.name=x", "tasks.5.name"),
         ("training", "training"),
     ],

@@ -16,6 +16,7 @@ import yaml
 from llava_c_ray.cli import main
 from llava_c_ray.config import load_job
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.methods import bind
 from llava_c_ray.pipeline import run_job
 
 pytestmark = pytest.mark.integration
@@ -62,8 +63,8 @@ def finished(ray_cluster, tiny_benchmark, tiny_checkpoint, tmp_path_factory):
 def test_run_directory_layout(finished) -> None:
     tmp, _, results, _ = finished
     run = tmp / "run"
-    assert len(results["accuracy_matrix"]) == 6 and len(results["accuracy_matrix"][0]) == 5
-    assert results["finished"] and set(results["metrics"]) >= {
+    assert len(results.accuracy_matrix) == 6 and len(results.accuracy_matrix[0]) == 5
+    assert results.finished and set(results.metrics) >= {
         "avg",
         "bwt",
         "forgetting",
@@ -120,7 +121,7 @@ def test_rerun_resumes_without_recomputing(finished) -> None:
     again = run_job(load_job(job_file), tmp / "run")
     elapsed = time.perf_counter() - started
     print(f"first run {seconds:.1f}s, rerun {elapsed:.1f}s ({100 * elapsed / seconds:.1f}%)")
-    assert again["accuracy_matrix"] == results["accuracy_matrix"]
+    assert again.accuracy_matrix == results.accuracy_matrix
     steps = lambda text: [s["steps"] for s in json.loads(text)["stages"]]  # noqa: E731
     assert steps((tmp / "run" / "manifest.json").read_text()) == steps(before)
     assert elapsed < 0.05 * seconds
@@ -144,7 +145,7 @@ def test_report_command(finished, capsys) -> None:
 def test_bad_jobs_fail_fast(tmp_path, tiny_benchmark, tiny_checkpoint) -> None:
     job_file = write_job(tmp_path, tiny_benchmark, tiny_checkpoint)
     with pytest.raises(LlavaCError, match="unknown method"):
-        load_job(job_file, ["method.name=nope"])
+        bind(load_job(job_file, ["method.name=nope"]))
     data = yaml.safe_load(job_file.read_text())
     data["tasks"][0]["train"] = str(tmp_path / "missing.json")
     job_file.write_text(yaml.safe_dump(data))

@@ -26,6 +26,6 @@ def test_uri_storage_mirrors_and_resumes(ray_cluster, tiny_benchmark, tiny_check
     finished = json.loads((mirrored / "manifest.json").read_text())
     shutil.rmtree(cache)  # a new machine: nothing local
     again = run_job(load_job(job_file, overrides))
-    assert again["accuracy_matrix"] == results["accuracy_matrix"]
+    assert again.accuracy_matrix == results.accuracy_matrix
     steps = [s["steps"] for s in json.loads((local / "manifest.json").read_text())["stages"]]
     assert steps == [s["steps"] for s in finished["stages"]]  # nothing was recomputed

@@ -23,16 +23,16 @@ from safetensors.torch import save_file
 from llava_c_ray.consolidate.lowrank import (
     Factors,
     add_rebuilt,
-    consolidated_spectrum,
     dense_factors,
     lowrank_factors,
 )
 from llava_c_ray.consolidate.plan import Item, plan_adapter, plan_tuned
-from llava_c_ray.consolidate.spectral import BOUNDARIES, modelmix
+from llava_c_ray.consolidate.rules import RULES, get_rule
+from llava_c_ray.consolidate.spectral import BOUNDARIES
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.files import atomic_directory
 from llava_c_ray.model.safetensors_io import INDEX_NAME, LazyCheckpoint, ShardWriter, dtype_bytes
 
-METHODS = ("sac", "modelmix")
 GROUP_ELEMENTS = 1 << 25  # tensors go to Ray tasks in groups of about this many elements
 SPECTRUM_KEEP = 32  # leading singular values kept in sac_stats.json for spectrum plots
 
@@ -58,10 +58,10 @@ class ConsolidationResult:
 
 
 def check_request(request: Request, out: Path, overwrite: bool) -> None:
-    if request.method not in METHODS:
+    if not get_rule(request.method, "method").consolidates:
         raise LlavaCError(
-            f"unknown consolidation method {request.method!r}",
-            fix=f"use one of: {', '.join(METHODS)}",
+            f"rule {request.method!r} does not consolidate",
+            fix=f"use one of: {', '.join(n for n, r in RULES.items() if r.consolidates)}",
         )
     if not 0 <= request.alpha <= 1:
         raise LlavaCError(
@@ -125,22 +125,24 @@ def consolidate_tensor(
     if delta is None and lora is None:
         return base, None
     shape = tuple(base.shape)
-    if request.method != "modelmix" and base.dim() >= 2:
+    rule = RULES[request.method]
+    if rule.uses_factors(base.dim()):
         factors = factors_for(item, delta, lora, shape, request.factors_cache)
-        sigma_tilde, k = consolidated_spectrum(factors, request.alpha, request.boundary)
-        stats = spectrum_stats(item.name, factors, sigma_tilde, k)
+        sigma_tilde, k = rule.spectrum(factors, request.alpha, request.boundary)
+        stats = spectrum_stats(item.name, rule.name, factors, sigma_tilde, k)
         return add_rebuilt(base, factors, sigma_tilde), stats
     if delta is None:
         b, a, s = lora
         delta = (
             s * b.double().reshape(b.shape[0], -1) @ a.double().reshape(a.shape[0], -1)
         ).reshape(shape)
-    stats = {"name": item.name, "shape": shape, "rule": "modelmix"}
-    return (base.float() + modelmix(delta, request.alpha).float()).to(base.dtype), stats
+    stats = {"name": item.name, "shape": shape, "rule": "α·Δ"}
+    change = rule.dense_change(delta, request.alpha)
+    return (base.float() + change.float()).to(base.dtype), stats
 
 
 def spectrum_stats(
-    name: str, factors: Factors, sigma_tilde: torch.Tensor, k: int
+    name: str, rule: str, factors: Factors, sigma_tilde: torch.Tensor, k: int | None
 ) -> dict[str, Any]:
     s = factors.S
     sigma_1 = float(s[0]) if len(s) else 0.0
@@ -148,7 +150,7 @@ def spectrum_stats(
     return {
         "name": name,
         "shape": list(factors.shape),
-        "rule": "sac",
+        "rule": rule,
         "rank": int((s > s.max() * 1e-10).sum()) if sigma_1 > 0 else 0,
         "k": k,
         "sigma_1": sigma_1,
@@ -230,18 +232,11 @@ def consolidate_checkpoint(
     check_request(request, out, overwrite)
     started = time.perf_counter()
     items = plan(request)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         stats = write_consolidated(request, items, writer, num_cpus, progress)
         copy_side_files(request.base, tmp)
         (tmp / "sac_stats.json").write_text(json.dumps(stats_summary(request, stats), indent=1))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ConsolidationResult(out, stats, time.perf_counter() - started)
 
 
@@ -305,15 +300,3 @@ def stats_summary(request: Request, stats: list[dict]) -> dict[str, Any]:
         "source": str(request.tuned or request.adapter),
         "tensors": sorted(stats, key=lambda s: s["name"]),
     }
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished output into place; an old output (with --overwrite) goes only then."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)

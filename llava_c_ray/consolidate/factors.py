@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava_c_ray.consolidate.engine import Request, change_of, factors_for, plan
-from llava_c_ray.consolidate.lowrank import Factors, consolidated_spectrum
-from llava_c_ray.consolidate.spectral import Boundary, modelmix
+from llava_c_ray.consolidate.lowrank import Factors
+from llava_c_ray.consolidate.rules import RULES
+from llava_c_ray.consolidate.spectral import Boundary
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.model.safetensors_io import LazyCheckpoint
 
@@ -89,12 +90,14 @@ def load_factors(cache: Path) -> tuple[dict[str, Factors], dict[str, torch.Tenso
     return matrices, load_file(str(cache / VECTORS_NAME))
 
 
-def lowrank_deltas(cache: Path, alpha: float, boundary: Boundary = "pad") -> CandidateDelta:
-    """The SAC change of every cached tensor for one α, from cached factors only (no SVD)."""
+def lowrank_deltas(
+    cache: Path, alpha: float, boundary: Boundary = "pad", rule: str = "sac"
+) -> CandidateDelta:
+    """The change of every cached tensor for one α under `rule`, from cached factors only (no SVD)."""
     matrices, vectors = load_factors(cache)
     lowrank = {}
     for name, factors in matrices.items():
-        sigma_tilde, _ = consolidated_spectrum(factors, alpha, boundary)
+        sigma_tilde, _ = RULES[rule].spectrum(factors, alpha, boundary)
         lowrank[name] = (factors.U * sigma_tilde, factors.Vh)
-    dense = {name: modelmix(delta, alpha) for name, delta in vectors.items()}
+    dense = {name: RULES[rule].dense_change(delta, alpha) for name, delta in vectors.items()}
     return CandidateDelta(lowrank, dense)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_c_ray.consolidate.spectral import Boundary, modelmix, sac_spectrum
+from llava_c_ray.consolidate.spectral import Boundary, sac_spectrum
 
 DENSE_FP64_LIMIT = 1 << 22  # dense SVDs up to 4M elements run in float64 on CPU, larger in float32
 
@@ -83,23 +83,3 @@ def add_rebuilt(weight: torch.Tensor, factors: Factors, sigma: torch.Tensor) -> 
     scaled = factors.U.float() * sigma.float()
     flat = weight.float().reshape(scaled.shape[0], -1)
     return torch.addmm(flat, scaled, factors.Vh.float()).reshape(weight.shape).to(weight.dtype)
-
-
-def consolidated_delta(
-    alpha: float,
-    boundary: Boundary = "pad",
-    *,
-    delta: torch.Tensor | None = None,
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-) -> torch.Tensor:
-    """U·diag(σ̃)·Vᵀ (eq. 6) of one tensor's change, given the dense Δ or LoRA (B, A, s).
-
-    1-D tensors and scalars get ModelMix α·Δ (SPEC.md §2.2); conv kernels are reshaped out × rest.
-    """
-    if (delta is None) == (lora is None):
-        raise ValueError("give exactly one of delta or lora")
-    if delta is not None and delta.dim() < 2:
-        return modelmix(delta.double(), alpha)
-    factors = lowrank_factors(*lora) if lora is not None else dense_factors(delta)
-    sigma_tilde, _ = consolidated_spectrum(factors, alpha, boundary)
-    return rebuild(factors, sigma_tilde)

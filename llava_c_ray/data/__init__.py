@@ -1,1 +1,1 @@
-"""LLaVA conversation data: reading, validation, templates, Parquet shards, the built-in benchmark."""
+"""LLaVA conversation data: reading, validation, templates, answer scoring, Parquet shards, the built-in benchmark."""

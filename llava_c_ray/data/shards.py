@@ -2,16 +2,15 @@
 
 Workers on other nodes then need no shared image folder. `prepare_shards` writes
 `part-NNNNN.parquet` files and a `manifest.json` (counts, source sha256, schema version) into a
-temporary directory and renames it into place; `read_shards` gives the records and image bytes
-back; `ray_dataset` opens the shards of one or more directories as a Ray Data dataset.
+temporary directory and renames it into place (`atomic_directory`); `read_shards` gives the
+records and image bytes back; `ray_dataset` opens the shards of one or more directories as a Ray
+Data dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 
 from llava_c_ray.data.records import Record, load_records
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.files import atomic_directory
 
 SCHEMA_VERSION = 1
 SCHEMA = pa.schema(
@@ -61,9 +61,7 @@ def prepare_shards(
             path=path,
             fix=f"correct the records listed in {skipped}",
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         shards = [
             write_shard(
                 records[i : i + records_per_shard],
@@ -81,11 +79,6 @@ def prepare_shards(
             "shards": shards,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -1,1 +1,1 @@
-"""Evaluation: scoring, metrics, batched generation on Ray actors, reports and plots."""
+"""Evaluation: metrics, batched generation on Ray actors, reports and plots."""

@@ -8,13 +8,15 @@ written to `eval.json`, so any number can be audited.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llava_c_ray.data.records import load_records
+from llava_c_ray.data.scoring import score
 from llava_c_ray.data.template import with_instruction
-from llava_c_ray.evaluate.scoring import score
+from llava_c_ray.files import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -41,24 +43,30 @@ class EvalResult:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
+ModelLoader = Callable[[str, Any], Any]
+"""(model directory, torch dtype) → a model with `generate`: how a method's stage model is run."""
+
+
+def load_hf_model(model_dir: str, dtype: Any) -> Any:
+    """A plain Hugging Face LLaVA checkpoint (every method whose stage model is merged)."""
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+
+
 class EvalActor:
     """Holds one model and its processor; answers batches of questions by greedy decoding."""
 
-    def __init__(self, model_dir: str, template: str = "vicuna_v1"):
-        self.template = template
-        self.load(model_dir)
-
-    def load(self, model_dir: str) -> None:
+    def __init__(
+        self, model_dir: str, template: str = "vicuna_v1", loader: ModelLoader = load_hf_model
+    ):
         import torch
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoProcessor
 
+        self.template = template
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = (
-            LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
-            .to(self.device)
-            .eval()
-        )
+        self.model = loader(model_dir, dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
 
     def answer(self, queries: list[Query], max_new_tokens: int) -> list[str]:
@@ -116,6 +124,7 @@ def evaluate_checkpoint(
     template: str = "vicuna_v1",
     out: Path | None = None,
     use_gpu: bool = False,
+    loader: ModelLoader = load_hf_model,
 ) -> EvalResult:
     """Score `model_dir` on every task; write eval.json to `out` if given.
 
@@ -128,7 +137,7 @@ def evaluate_checkpoint(
     queries = [q for task in tasks for q in task_queries(task, max_samples)]
     ensure_ray()
     actor_class = ray.remote(**({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))(EvalActor)
-    actors = [actor_class.remote(str(model_dir), template) for _ in range(num_actors)]
+    actors = [actor_class.remote(str(model_dir), template, loader) for _ in range(num_actors)]
     work = batches(queries, batch_size)
     refs = [actors[i % num_actors].answer.remote(b, max_new_tokens) for i, b in enumerate(work)]
     answers = [a for chunk in ray.get(refs) for a in chunk]
@@ -154,8 +163,6 @@ def score_answers(tasks: list[EvalTask], queries: list[Query], answers: list[str
 
 
 def write_eval(out: Path, model_dir: Path, result: EvalResult) -> None:
-    from llava_c_ray.rundir import write_json_atomic
-
     write_json_atomic(
         out, {"model": str(model_dir), "scores": result.scores, "samples": result.samples}
     )

@@ -8,6 +8,8 @@ from typing import Any
 
 import matplotlib
 
+from llava_c_ray.run_records import Results
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -20,12 +22,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def heatmap(results: dict[str, Any], path: Path) -> Path:
-    matrix = [[float("nan") if v is None else v for v in row] for row in results["accuracy_matrix"]]
-    fig, ax = plt.subplots(figsize=(1.2 * len(results["tasks"]) + 2, 0.6 * len(matrix) + 1.5))
+def heatmap(results: Results, path: Path) -> Path:
+    matrix = [[float("nan") if v is None else v for v in row] for row in results.accuracy_matrix]
+    fig, ax = plt.subplots(figsize=(1.2 * len(results.tasks) + 2, 0.6 * len(matrix) + 1.5))
     image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(results["tasks"])), results["tasks"], rotation=30, ha="right")
-    ax.set_yticks(range(len(matrix)), results["stages"])
+    ax.set_xticks(range(len(results.tasks)), results.tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), results.stages)
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             if value == value:
@@ -39,35 +41,35 @@ def heatmap(results: dict[str, Any], path: Path) -> Path:
                 )
     ax.set_xlabel("task")
     ax.set_ylabel("after stage")
-    ax.set_title(f"accuracy — {results['method']}")
+    ax.set_title(f"accuracy — {results.method}")
     fig.colorbar(image, ax=ax)
     return _save(fig, path)
 
 
-def task_curves(results: dict[str, Any], path: Path) -> Path:
+def task_curves(results: Results, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
-    stages = range(len(results["accuracy_matrix"]))
-    for j, task in enumerate(results["tasks"]):
-        ax.plot(stages, [row[j] for row in results["accuracy_matrix"]], marker="o", label=task)
-    ax.set_xticks(list(stages), results["stages"], rotation=30, ha="right")
+    stages = range(len(results.accuracy_matrix))
+    for j, task in enumerate(results.tasks):
+        ax.plot(stages, [row[j] for row in results.accuracy_matrix], marker="o", label=task)
+    ax.set_xticks(list(stages), results.stages, rotation=30, ha="right")
     ax.set_ylabel("score")
-    ax.set_title(f"per-task score across stages — {results['method']}")
+    ax.set_title(f"per-task score across stages — {results.method}")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def general_curve(results: dict[str, Any], path: Path) -> Path:
+def general_curve(results: Results, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(len(results["general"])), results["general"], marker="o", color="black")
-    ax.set_xticks(range(len(results["general"])), results["stages"], rotation=30, ha="right")
+    ax.plot(range(len(results.general)), results.general, marker="o", color="black")
+    ax.set_xticks(range(len(results.general)), results.stages, rotation=30, ha="right")
     ax.set_ylabel("general probe score")
-    ax.set_title(f"general ability — {results['method']}")
+    ax.set_title(f"general ability — {results.method}")
     return _save(fig, path)
 
 
 def spectra(stats_file: Path, path: Path, count: int = 4) -> Path | None:
     """σ and σ̃ of the first few consolidated matrices (like the paper's Figure 5)."""
-    tensors = [t for t in json.loads(stats_file.read_text())["tensors"] if t.get("rule") == "sac"]
+    tensors = [t for t in json.loads(stats_file.read_text())["tensors"] if "sigma" in t]
     if not tensors:
         return None
     picked = tensors[:: max(1, len(tensors) // count)][:count]
@@ -102,7 +104,7 @@ def alpha_plot(search: dict[str, Any], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def draw_run_plots(run_dir: Path, results: dict[str, Any]) -> list[Path]:
+def draw_run_plots(run_dir: Path, results: Results) -> list[Path]:
     plots = run_dir / "plots"
     drawn = [
         heatmap(results, plots / "accuracy_heatmap.png"),

@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+
+from pydantic import ValidationError
 
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.run_records import Results
 
 METRICS = ("avg", "last", "maa", "bwt", "forgetting", "general_final", "general_retention")
 
 
-def load_results(run_dir: Path) -> dict[str, Any]:
+def load_results(run_dir: Path) -> Results:
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise LlavaCError(
             "no results.json", path=run_dir, fix="pass a run directory written by `llava-c run`"
         )
-    return json.loads(path.read_text())
+    try:
+        return Results.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise LlavaCError(
+            f"results.json is not a llava-c results file: {exc.errors()[0]['msg']}",
+            path=path,
+            fix="rerun `llava-c run` on the job to rewrite it",
+        ) from None
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def matrix_table(results: dict[str, Any]) -> str:
-    """Rows = stages, columns = tasks + the general probe."""
-    tasks = results["tasks"]
+def matrix_table(results: Results) -> str:
+    """Rows = stages, columns = tasks + the general probe; the last row is each task's chance
+    level (the majority answer), so a score can be read against it."""
+    tasks = results.tasks
     width = max(10, *(len(t) for t in tasks))
     header = (
         f"{'after stage':<16}"
@@ -35,34 +44,37 @@ def matrix_table(results: dict[str, Any]) -> str:
     )
     lines = [header]
     for name, row, general in zip(
-        results["stages"], results["accuracy_matrix"], results["general"], strict=False
+        results.stages, results.accuracy_matrix, results.general, strict=False
     ):
         cells = "".join(f"{fmt(v):>{width + 1}}" for v in row)
         lines.append(f"{name:<16}{cells}{fmt(general):>{width + 1}}")
+    if any(v is not None for v in results.chance.values()):
+        cells = "".join(f"{fmt(results.chance.get(t)):>{width + 1}}" for t in tasks)
+        lines.append(f"{'(chance)':<16}{cells}{'-':>{width + 1}}")
     return "\n".join(lines)
 
 
-def metrics_table(results: dict[str, Any]) -> str:
-    metrics = results.get("metrics") or {}
+def metrics_table(results: Results) -> str:
+    metrics = results.metrics
     digits = {"general_retention": 3}
     return "  ".join(f"{m}={fmt(metrics.get(m), digits.get(m, 1))}" for m in METRICS)
 
 
-def run_report(results: dict[str, Any]) -> str:
-    title = f"{results['job']} — method {results['method']}"
-    status = "" if results.get("finished") else "  (unfinished)"
+def run_report(results: Results) -> str:
+    title = f"{results.job} — method {results.method}"
+    status = "" if results.finished else "  (unfinished)"
     return f"{title}{status}\n{matrix_table(results)}\n{metrics_table(results)}"
 
 
-def comparison_table(runs: list[dict[str, Any]]) -> str:
+def comparison_table(runs: list[Results]) -> str:
     """One row per run: the method and its metrics."""
     header = f"{'method':<12}" + "".join(f"{m:>18}" for m in METRICS)
     lines = [header]
     for results in runs:
-        metrics = results.get("metrics") or {}
+        metrics = results.metrics
         digits = {"general_retention": 3}
         lines.append(
-            f"{results['method']:<12}"
+            f"{results.method:<12}"
             + "".join(f"{fmt(metrics.get(m), digits.get(m, 1)):>18}" for m in METRICS)
         )
     return "\n".join(lines)

@@ -1,6 +1,36 @@
-"""The methods registry: one small module per method, each registering itself by name."""
+"""The methods registry: one small module per method, each registering itself by name.
 
-from llava_c_ray.methods import finetune, joint, llava_c, modelmix, sac, uir  # noqa: F401
-from llava_c_ray.methods.base import METHODS, Method, Stage, get_method, register
+Imported in the order `llava-c methods` and `llava-c demo --compare` list them: the LLaVA-c family,
+then the literature's baselines.
+"""
 
-__all__ = ["METHODS", "Method", "Stage", "get_method", "register"]
+# ruff: noqa: I001, F401
+from llava_c_ray.methods import finetune, joint, modelmix, sac, uir, llava_c
+from llava_c_ray.methods import replay, fkl, lwf, ewc, olora
+from llava_c_ray.methods.base import (
+    METHODS,
+    BoundMethod,
+    Method,
+    Params,
+    Stage,
+    StageContext,
+    TrainedStage,
+    TrainingParts,
+    bind,
+    get_method,
+    register,
+)
+
+__all__ = [
+    "METHODS",
+    "BoundMethod",
+    "Method",
+    "Params",
+    "Stage",
+    "StageContext",
+    "TrainedStage",
+    "TrainingParts",
+    "bind",
+    "get_method",
+    "register",
+]

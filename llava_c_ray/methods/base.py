@@ -1,21 +1,42 @@
-"""What a continual-learning method decides: how tasks become stages, the extra loss, the consolidation.
+"""The method interface: what a continual-learning method decides, as hooks the pipeline calls.
 
-The pipeline asks a `Method` these questions and never branches on method names, so a new method is a
-new module that calls `register(...)`.
+A method is a `Method` registered by name in one small module of this package. The pipeline, the
+stage runner, the evaluator and the α search call its hooks and never branch on its name:
+
+- `plan`: how the task sequence becomes stages (one per task; `joint`: one stage on the union);
+- `params`: a pydantic model of the method's typed parameters, validated from `method.params`;
+- `training(ctx)`: what the training workers get for a stage — the model set-up, loss terms
+  added in `compute_loss` (each logged by name), per-optimizer-step hooks with checkpointed state,
+  and extra training files (e.g. replayed rows);
+- `consolidation`: the rule (llava_c_ray/consolidate/rules.py) that turns θ_t into θ̃_t,
+  overridable by the job's `consolidation.method`;
+- `after_training(ctx, trained)`: driver-side work once a stage has trained — e.g. a Fisher
+  estimate or the adapter's subspace — written under the run directory's `method/` folder, which
+  later stages read (a rerun after a killed driver finds it there);
+- `load_model`: how the evaluator and the α-search actors load a stage's model (default: a plain
+  Hugging Face checkpoint).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from llava_c_ray.config import JobConfig, TaskConfig
+from llava_c_ray.consolidate.rules import Rule, get_rule
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.evaluate.evaluator import ModelLoader, load_hf_model
+from llava_c_ray.train.hooks import LossTerm, ModelSetup, StepHook
+from llava_c_ray.train.spec import TrainFile
 
-if TYPE_CHECKING:
-    from llava_c_ray.config import JobConfig
 
-Consolidation = Literal["sac", "modelmix", "none"]
+class Params(BaseModel):
+    """Base of every method's parameters: unknown keys are errors, values are checked."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
 
 @dataclass(frozen=True)
@@ -31,29 +52,113 @@ class Stage:
         return f"{self.index:02d}-{self.name}"
 
 
+def one_stage_per_task(task_names: Sequence[str]) -> list[Stage]:
+    return [Stage(i, name, (name,)) for i, name in enumerate(task_names, start=1)]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a method's driver-side hooks see of one stage."""
+
+    job: JobConfig
+    params: Params
+    stage: Stage
+    stages: tuple[Stage, ...]
+    start_model: Path
+    stage_dir: Path
+    """RUN_DIR/stages/NN-<name>: the stage's own outputs."""
+    state_dir: Path
+    """RUN_DIR/method: method state that later stages read."""
+
+    def tasks(self) -> list[TaskConfig]:
+        return [self.job.task(name) for name in self.stage.tasks]
+
+    def earlier_tasks(self) -> list[TaskConfig]:
+        """Tasks trained in the stages before this one, in order."""
+        names = [n for s in self.stages[: self.stage.index - 1] for n in s.tasks]
+        return [self.job.task(name) for name in names if name not in self.stage.tasks]
+
+
+@dataclass(frozen=True)
+class TrainingParts:
+    """What a method adds to a stage's training (all picklable: they travel to the workers)."""
+
+    losses: tuple[LossTerm, ...] = ()
+    step_hooks: tuple[StepHook, ...] = ()
+    setup: ModelSetup = field(default_factory=ModelSetup)
+    extra_files: tuple[TrainFile, ...] = ()
+    init: Path | None = None
+    """The checkpoint the stage's workers load (None: the stage-start model θ̃_{t-1}); e.g. the
+    initial model when a method carries one adapter across stages."""
+
+
+@dataclass(frozen=True)
+class TrainedStage:
+    """Where a stage's training put θ_t (merged) and its adapter (None after a full fine-tune)."""
+
+    model: Path
+    adapter: Path | None
+
+
+def plain_training(ctx: StageContext) -> TrainingParts:
+    return TrainingParts()
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered method; the defaults describe plain sequential LoRA fine-tuning."""
+    """A registered continual-learning method: a name, its parameters and its hooks."""
 
     name: str
     summary: str
-    uir: bool = False
-    consolidation: Consolidation = "none"
-    joint: bool = False
+    adds: str = "—"
+    """What it adds to sequential LoRA (the README's method table)."""
+    source: str = "—"
+    params: type[Params] = Params
+    plan: Callable[[Sequence[str]], list[Stage]] = one_stage_per_task
+    training: Callable[[StageContext], TrainingParts] = plain_training
+    consolidation: str = "none"
+    after_training: Callable[[StageContext, TrainedStage], None] | None = None
+    load_model: ModelLoader = load_hf_model
+
+    def parse_params(self, raw: dict) -> Params:
+        """The method's typed parameters from `method.params`, or one error naming every bad key."""
+        try:
+            return self.params.model_validate(raw)
+        except ValidationError as exc:
+            lines = [
+                "  "
+                + ".".join(["method.params", *(str(p) for p in err["loc"])])
+                + ": "
+                + (
+                    "unknown key"
+                    if err["type"] == "extra_forbidden"
+                    else err["msg"].removeprefix("Value error, ")
+                )
+                for err in exc.errors()
+            ]
+            raise LlavaCError(
+                f"invalid parameters of method {self.name!r}:\n" + "\n".join(lines),
+                fix=f"see `llava-c methods` for the parameters of {self.name} and their ranges",
+            ) from None
+
+    def parameter_lines(self) -> list[str]:
+        """`name = default — description` of every parameter (for `llava-c methods`)."""
+        return [
+            f"{name} = {info.default!r} — {info.description or ''}".rstrip(" —")
+            for name, info in self.params.model_fields.items()
+        ]
+
+
+@dataclass(frozen=True)
+class BoundMethod:
+    """A job's method with its validated parameters and the consolidation rule it uses."""
+
+    method: Method
+    params: Params
+    rule: Rule
 
     def stages(self, task_names: Sequence[str]) -> list[Stage]:
-        """One stage per task in order, or a single stage on the union for a joint method."""
-        if self.joint:
-            return [Stage(1, "joint", tuple(task_names))]
-        return [Stage(i, name, (name,)) for i, name in enumerate(task_names, start=1)]
-
-    def uir_weight(self, job: JobConfig) -> float:
-        """λ of L = L_llava + λ·L_uir (SPEC.md §2.1): the job's weight if the method uses UIR, else 0."""
-        return job.uir.weight if self.uir else 0.0
-
-    def consolidation_for(self, job: JobConfig) -> Consolidation:
-        """The job's explicit `consolidation.method` if given, else the method's own."""
-        return job.consolidation.method or self.consolidation
+        return self.method.plan(task_names)
 
 
 METHODS: dict[str, Method] = {}
@@ -74,3 +179,11 @@ def get_method(name: str) -> Method:
             fix=f"use one of: {', '.join(sorted(METHODS))}",
         )
     return METHODS[name]
+
+
+def bind(job: JobConfig) -> BoundMethod:
+    """The job's method, its parameters and its consolidation rule, each checked by name."""
+    method = get_method(job.method.name)
+    params = method.parse_params(job.method.params)
+    rule = get_rule(job.consolidation.method or method.consolidation)
+    return BoundMethod(method, params, rule)

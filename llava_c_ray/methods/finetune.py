@@ -2,4 +2,11 @@
 
 from llava_c_ray.methods.base import Method, register
 
-METHOD = register(Method(name="finetune", summary="sequential LoRA, merge, no consolidation"))
+METHOD = register(
+    Method(
+        name="finetune",
+        summary="sequential LoRA, merge, no consolidation",
+        adds="— (the lower bound)",
+        source="LLaVA-c paper §5 baseline",
+    )
+)

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.files import atomic_directory
 
 IMAGE_TOKEN = "<image>"
 # LLaVA-1.5: features of the second-to-last CLIP layer, CLS dropped ("default"), 2-layer GELU MLP.
@@ -116,8 +115,7 @@ def compose_llava(
     config = _llava_config(lm.config, vision.config, tokenizer)
 
     model = _assemble(config, lm, vision, projector_weights, torch_dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size="2GB")
         processor.save_pretrained(tmp)
         (tmp / "composed_from.json").write_text(
@@ -130,12 +128,6 @@ def compose_llava(
                 indent=2,
             )
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

@@ -15,6 +15,17 @@ import torch
 from llava_c_ray.errors import LlavaCError
 
 
+def language_model_linears(model: torch.nn.Module) -> list[str]:
+    """Names of the language model's linear layers (LoRA targets for `all-linear`)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and ".language_model." in f".{name}."
+        and "lm_head" not in name
+    ]
+
+
 def parameter_names(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, str]:
     """{checkpoint key: parameter name} for `keys`, through the model's weight renamings."""
     from transformers.conversion_mapping import get_model_conversion_mapping

@@ -24,21 +24,10 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from llava_c_ray.data.template import CHAT_TEMPLATE
+
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-
-# Vicuna v1 as LLaVA-1.5 uses it: system line, then "USER: … ASSISTANT: …</s>" turns.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }} "
-    "{% elif message['role'] == 'user' %}USER: "
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
-    "{% endfor %} "
-    "{% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -143,6 +132,8 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, dims: TinyDims) -> Llava
         size={"shortest_edge": dims.image_size},
         crop_size={"height": dims.image_size, "width": dims.image_size},
     )
+    # Tokenizer too: tools that prompt through `tokenizer.apply_chat_template` get the same text.
+    tokenizer.chat_template = CHAT_TEMPLATE
     # CLIP adds a CLS token; the "default" strategy drops it again: image_size²/patch² tokens.
     return LlavaProcessor(
         image_processor=image_processor,
@@ -187,7 +178,7 @@ def random_lora_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoProcessor
 
-    from llava_c_ray.train.worker import language_model_linears
+    from llava_c_ray.model.keys import language_model_linears
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration.from_pretrained(base)

@@ -5,17 +5,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from llava_c_ray.evaluate.evaluator import EvalActor, Query, batches
+from llava_c_ray.evaluate.evaluator import EvalActor, ModelLoader, Query, batches, load_hf_model
 
 
 class SearchActor(EvalActor):
     """Holds θ̃_{t-1} and the stage's SVD factors; answers questions with θ̃(α) for any α."""
 
-    def __init__(self, model_dir: str, factors_dir: str, template: str, boundary: str):
+    def __init__(
+        self,
+        model_dir: str,
+        factors_dir: str,
+        template: str,
+        boundary: str,
+        loader: ModelLoader = load_hf_model,
+    ):
         from llava_c_ray.consolidate.factors import load_factors
         from llava_c_ray.search.candidate import CandidateModel
 
-        super().__init__(model_dir, template)
+        super().__init__(model_dir, template, loader)
         matrices, vectors = load_factors(Path(factors_dir))
         self.candidate = CandidateModel(self.model, matrices, vectors)
         self.boundary = boundary

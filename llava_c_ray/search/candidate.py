@@ -11,23 +11,14 @@ of their base values. 1-D tensors get α·Δ (ModelMix) under both rules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from llava_c_ray.consolidate.lowrank import Factors, consolidated_spectrum
+from llava_c_ray.consolidate.lowrank import Factors
+from llava_c_ray.consolidate.rules import get_rule
 from llava_c_ray.consolidate.spectral import Boundary
 from llava_c_ray.errors import LlavaCError
-
-Rule = Literal["sac", "modelmix"]
-
-
-def candidate_spectrum(factors: Factors, alpha: float, rule: Rule, boundary: Boundary):
-    """σ̃ of the computed directions: SAC's sliding-window average (eq. 6) or ModelMix's α·σ."""
-    if rule == "modelmix":
-        return alpha * factors.S
-    return consolidated_spectrum(factors, alpha, boundary)[0]
 
 
 def is_cheaper_lowrank(factors: Factors) -> bool:
@@ -86,23 +77,23 @@ class CandidateModel:
         return path
 
     @torch.no_grad()
-    def set_alpha(self, alpha: float, rule: Rule = "sac", boundary: Boundary = "pad") -> None:
+    def set_alpha(self, alpha: float, rule: str = "sac", boundary: Boundary = "pad") -> None:
         """Make the model compute θ̃(α): rescale the side paths, rebuild the dense tensors."""
         if not 0 <= alpha <= 1:
             raise LlavaCError(f"α = {alpha} is outside [0, 1]", fix="search α in [0, 1]")
         for name, path in self.paths.items():
-            sigma = candidate_spectrum(self.factors[name], alpha, rule, boundary)
+            sigma, _ = get_rule(rule).spectrum(self.factors[name], alpha, boundary)
             path.scaled_U = path.U * sigma.to(path.U.device, path.U.dtype)
         for name, base in self.kept.items():
             self.params[name].copy_(base + self.dense_change(name, alpha, rule, boundary))
 
-    def dense_change(self, name: str, alpha: float, rule: Rule, boundary: Boundary):
+    def dense_change(self, name: str, alpha: float, rule: str, boundary: Boundary):
         param = self.params[name]
         if name in self.vectors:
-            change = alpha * self.vectors[name]
+            change = get_rule(rule).dense_change(self.vectors[name], alpha)
         else:
             factors = self.factors[name]
-            sigma = candidate_spectrum(factors, alpha, rule, boundary)
+            sigma, _ = get_rule(rule).spectrum(factors, alpha, boundary)
             change = (factors.U * sigma) @ factors.Vh
         return change.reshape(param.shape).to(param.device, param.dtype)
 

@@ -35,14 +35,14 @@ def run_search_alpha(args: argparse.Namespace) -> int:
     from llava_c_ray.config import load_job
     from llava_c_ray.errors import LlavaCError
     from llava_c_ray.evaluate.plots import alpha_plot
-    from llava_c_ray.methods import get_method
+    from llava_c_ray.methods import bind
     from llava_c_ray.search.tune import search_alpha
 
     job = load_job(args.job, args.overrides)
     names = [t.name for t in job.tasks]
     job.task(args.task)  # an unknown task name fails here, listing the job's tasks
-    rule = get_method(job.method.name).consolidation_for(job)
-    if rule == "none":
+    method = bind(job)
+    if not method.rule.consolidates:
         raise LlavaCError(
             f"method {job.method.name} does not consolidate, so it has no α to search",
             path=args.job,
@@ -64,14 +64,15 @@ def run_search_alpha(args: argparse.Namespace) -> int:
         base=args.base,
         factors=out / "factors",
         out=out,
-        rule=rule,
+        rule=method.rule.name,
         adapter=args.adapter,
         tuned=args.tuned,
+        loader=method.method.load_model,
     )
     for trial in result.trials:
         print(f"α = {trial['alpha']:.3f}  objective {trial['objective']:6.2f}")
     plot = alpha_plot(
-        {"rule": rule, "best_alpha": result.best_alpha, "trials": result.trials},
+        {"rule": method.rule.name, "best_alpha": result.best_alpha, "trials": result.trials},
         out / f"alpha_{args.task}.png",
         f"α search — {args.task}",
     )

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from llava_c_ray.config import JobConfig
+from llava_c_ray.data.scoring import score
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.evaluate.evaluator import EvalTask, Query, task_queries
+from llava_c_ray.evaluate.evaluator import EvalTask, ModelLoader, Query, load_hf_model, task_queries
+from llava_c_ray.files import write_json_atomic
 from llava_c_ray.search.objective import best_trial, group_means, objective, subset_rungs
 
 GENERAL = "general_probe"
@@ -56,8 +58,6 @@ class Tally:
     eval_seconds: float = 0.0
 
     def add(self, queries: list[Query], reply: dict, scoring: dict[str, str]) -> None:
-        from llava_c_ray.evaluate.scoring import score
-
         for query, answer in zip(queries, reply["answers"], strict=True):
             self.sums[query.task] += score(answer, query.reference, scoring[query.task])
             self.counts[query.task] += 1
@@ -79,6 +79,7 @@ def search_alpha(
     rule: str = "sac",
     adapter: Path | None = None,
     tuned: Path | None = None,
+    loader: ModelLoader = load_hf_model,
 ) -> SearchResult:
     """Search α of consolidation `rule` for a stage that trained `new` after `old`.
 
@@ -91,7 +92,7 @@ def search_alpha(
     plan = search_plan(job, new, old, rule)
     ensure_factors(base, factors, adapter=adapter, tuned=tuned)
     ensure_ray()
-    actors = start_actors(job, base, factors)
+    actors = start_actors(job, base, factors, loader)
     try:
         results = run_tuner(job, plan, actors, out)
     finally:
@@ -134,7 +135,7 @@ def search_plan(job: JobConfig, new: list[str], old: list[str], rule: str) -> Se
             path=empty[0],
             fix="give every task (and the probe) a non-empty `val` split",
         )
-    rules = (rule, "modelmix") if s.compare_modelmix and rule == "sac" else (rule,)
+    rules = tuple(dict.fromkeys((rule, *(["modelmix"] if s.compare_modelmix else []))))
     weights = s.objective.model_dump()
     check_weights(groups, weights)
     return SearchPlan(
@@ -157,7 +158,7 @@ def ensure_factors(base: Path, factors: Path, *, adapter: Path | None, tuned: Pa
         compute_factors(base, factors, tuned=tuned, adapter=adapter)
 
 
-def start_actors(job: JobConfig, base: Path, factors: Path) -> list:
+def start_actors(job: JobConfig, base: Path, factors: Path, loader: ModelLoader) -> list:
     import ray
 
     from llava_c_ray.search.actor import SearchActor
@@ -166,7 +167,9 @@ def start_actors(job: JobConfig, base: Path, factors: Path) -> list:
     check_capacity(job)
     actor_class = ray.remote(**resources)(SearchActor)
     return [
-        actor_class.remote(str(base), str(factors), job.model.template, job.consolidation.boundary)
+        actor_class.remote(
+            str(base), str(factors), job.model.template, job.consolidation.boundary, loader
+        )
         for _ in range(job.search.num_actors)
     ]
 
@@ -299,8 +302,6 @@ def trial_record(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_trials(path: Path, job: JobConfig, rule: str, result: SearchResult) -> None:
-    from llava_c_ray.rundir import write_json_atomic
-
     write_json_atomic(
         path,
         {

@@ -38,7 +38,7 @@ class InquiryRows:
 
 
 class StageCollator:
-    """Pads a micro-batch and appends `rows` inquiry rows (labels -100), flagged by `uir_rows`.
+    """Pads a micro-batch and appends `rows` inquiry rows (labels -100), counted by `inquiry_rows`.
 
     The inquiry rows ride in the same forward pass as the training rows: DDP and ZeRO allow one
     gradient-carrying forward per step.
@@ -58,5 +58,5 @@ class StageCollator:
                 )
             ]
         batch = self.collate(examples + extra)
-        batch["uir_rows"] = torch.tensor(len(extra))
+        batch["inquiry_rows"] = torch.tensor(len(extra))
         return batch

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from llava_c_ray.rundir import write_json_atomic
+from llava_c_ray.files import write_json_atomic
 
 PROGRESS_FILE = "progress.json"
 

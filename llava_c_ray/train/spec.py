@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from llava_c_ray.config import JobConfig, TaskConfig, TrainingConfig
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.train.hooks import LossTerm, ModelSetup, StepHook
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class StageData:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """The inputs of `run_stage`: start checkpoint, data, losses, hyperparameters, workers."""
+    """The inputs of `run_stage`: start checkpoint, data, the method's hooks, hyperparameters,
+    workers."""
 
     name: str
     init: Path
@@ -38,9 +39,12 @@ class StageSpec:
     train_files: tuple[TrainFile, ...]
     training: TrainingConfig
     template: str = "vicuna_v1"
+    setup: ModelSetup = field(default_factory=ModelSetup)
+    losses: tuple[LossTerm, ...] = ()
+    step_hooks: tuple[StepHook, ...] = ()
     inquiry: Path | None = None
-    uir_weight: float = 0.0
-    uir_rows: int = 1
+    """Unlabeled inquiries packed into every micro-batch (when a loss term needs them)."""
+    inquiry_rows: int = 1
     inquiries_per_row: int = 4
     num_workers: int = 1
     use_gpu: bool = False
@@ -58,24 +62,34 @@ class StageSpec:
         tasks: list[TaskConfig],
         init: Path,
         out: Path,
-        uir_weight: float,
+        losses: tuple[LossTerm, ...] = (),
+        step_hooks: tuple[StepHook, ...] = (),
+        setup: ModelSetup | None = None,
+        extra_files: tuple[TrainFile, ...] = (),
         name: str | None = None,
     ) -> StageSpec:
-        if uir_weight > 0 and job.inquiry is None:
+        """The stage training `tasks` (plus `extra_files`, e.g. replayed rows) with a method's
+        loss terms, step hooks and model set-up."""
+        inquiring = [term.name for term in losses if term.needs_inquiries]
+        if inquiring and job.inquiry is None:
             raise LlavaCError(
-                f"method {job.method.name!r} uses UIR but the job has no inquiry set",
-                fix="set `inquiry.path` to unlabeled text-only inquiries, or set uir.weight=0",
+                f"method {job.method.name!r} adds {inquiring}, which need unlabeled inquiries, "
+                "but the job has no inquiry set",
+                fix="set `inquiry.path` to unlabeled text-only inquiries",
             )
+        files = tuple(TrainFile(t.train, t.image_folder, t.instruction) for t in tasks)
         return cls(
             name=name or "+".join(t.name for t in tasks),
             init=Path(init).absolute(),
             out=Path(out).absolute(),
-            train_files=tuple(TrainFile(t.train, t.image_folder, t.instruction) for t in tasks),
+            train_files=files + tuple(extra_files),
             training=job.training,
             template=job.model.template,
-            inquiry=job.inquiry.path if job.inquiry is not None and uir_weight > 0 else None,
-            uir_weight=uir_weight,
-            uir_rows=job.uir.rows_per_step,
+            setup=setup or ModelSetup(),
+            losses=tuple(losses),
+            step_hooks=tuple(step_hooks),
+            inquiry=job.inquiry.path if inquiring and job.inquiry is not None else None,
+            inquiry_rows=job.uir.rows_per_step,
             inquiries_per_row=job.uir.inquiries_per_row,
             num_workers=job.cluster.num_workers,
             use_gpu=job.cluster.use_gpu,
@@ -96,11 +110,3 @@ class StageSpec:
             return t.max_steps
         micro_batches = math.ceil((records // self.num_workers) / t.per_device_batch)
         return max(1, math.ceil(t.epochs * micro_batches / self.gradient_accumulation))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "init": str(self.init),
-            "out": str(self.out),
-            "uir_weight": self.uir_weight,
-        }

@@ -18,6 +18,7 @@ from typing import Any
 from llava_c_ray.data.records import load_records
 from llava_c_ray.data.shards import is_current, prepare_shards, ray_dataset, read_manifest
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.files import move_into_place
 from llava_c_ray.ray_session import ensure_ray
 from llava_c_ray.train.spec import StageData, StageSpec, TrainFile
 
@@ -141,17 +142,16 @@ def root_message(exc: BaseException) -> str:
 
 
 def collect_outputs(result, out: Path) -> StageResult:
-    """Copy the final checkpoint's `model/` and `adapter/` into `out`, renaming into place."""
+    """Copy the final checkpoint's `model/` and `adapter/` into `out`, renaming into place (an
+    older `model/` or `adapter/` there goes only once its successor is in place)."""
     if result.checkpoint is None:
         raise LlavaCError("training finished without a final checkpoint", path=out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
-    result.checkpoint.to_directory(str(tmp))
-    for name in ("model", "adapter"):
-        if (tmp / name).is_dir():
-            shutil.rmtree(out / name, ignore_errors=True)
-            (tmp / name).rename(out / name)
-    shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=".final-", dir=out) as download:
+        result.checkpoint.to_directory(download)
+        for name in ("model", "adapter"):
+            if (Path(download) / name).is_dir():
+                move_into_place(Path(download) / name, out / name, overwrite=True)
     adapter = out / "adapter"
     return StageResult(
         model_dir=out / "model",

@@ -1,27 +1,28 @@
-"""transformers' Trainer with the UIR term in `compute_loss` (SPEC.md §2.1).
+"""transformers' Trainer with a method's loss terms in `compute_loss` and its step hooks.
 
-L = L_llava + λ·L_uir. L_llava needs the LM head's logits only where the next token is an answer
-token (a few percent of a LLaVA sequence), so only those positions reach the vocabulary projection
-(`loss_positions`): the same loss as the full logits, without their time and memory. The inquiry rows are the last `uir_rows` rows of each micro-batch (text only,
-labels -100), so they share the one gradient-carrying forward with the training rows; the reference
-hidden states come from a no-grad forward of the same rows with the LoRA adapters disabled — the
-stage-start model, without a second copy of it.
+L = L_llava + Σ_i w_i·term_i (e.g. λ·L_uir, SPEC.md §2.1). L_llava needs the LM head's logits only
+where the next token is an answer token (a few percent of a LLaVA sequence), so only those
+positions reach the vocabulary projection (`loss_positions`): the same loss as the full logits,
+without their time and memory. Inquiry rows, when a term asked for them, are the last
+`inquiry_rows` rows of each micro-batch (text only, labels -100), so they share the one
+gradient-carrying forward with the training rows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from llava_c_ray.data.template import IGNORE_INDEX
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.train.uir import uir_loss
+from llava_c_ray.train.hooks import ForwardPass, LossTerm, StepHook
 
 
 class NonFiniteLoss(LlavaCError):
@@ -54,56 +55,48 @@ def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, shifted[mask]
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / DeepSpeed wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-@torch.no_grad()
-def reference_hidden(
-    model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Final hidden states of the stage-start model: the peft model with its adapters disabled.
-
-    Only the language model runs (the inquiries are text): its `last_hidden_state` is the
-    full model's `hidden_states[-1]`, without the LM head's logits over the vocabulary."""
-    inner = unwrap(model)
-    disabled = (
-        inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
-    )
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    with disabled:
-        return base.model.language_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-
-
 class StageTrainer(Trainer):
-    """Trainer that adds λ·L_uir, refuses non-finite losses and logs both loss terms and tokens/s."""
+    """Trainer that adds the method's loss terms to L_llava, refuses non-finite losses, and logs
+    every term, the tokens/s and what the step hooks report."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
 
-    def __init__(self, *args: Any, uir_weight: float = 0.0, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        losses: tuple[LossTerm, ...] = (),
+        step_hooks: tuple[StepHook, ...] = (),
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
-        self.uir_weight = uir_weight
-        self.sums = {"llava_loss": 0.0, "uir_loss": 0.0, "micro_batches": 0, "tokens": 0}
+        self.losses = losses
+        self.step_hooks = step_hooks
+        self.hidden_states = any(term.needs_hidden_states for term in losses)
+        self.names = ["llava_loss", *(term.name for term in losses)]
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.sums = dict.fromkeys(self.names, 0.0) | {"micro_batches": 0, "tokens": 0}
+        self.step_logs: dict[str, float] = {}
         self.window_start = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        uir_rows = int(inputs.pop("uir_rows", 0))
-        use_uir = uir_rows > 0 and self.uir_weight > 0
+        inquiry_rows = int(inputs.pop("inquiry_rows", 0))
         keep, targets = loss_positions(inputs["labels"])
         outputs = model(
-            **inputs, logits_to_keep=keep, shift_labels=targets, output_hidden_states=use_uir
+            **inputs,
+            logits_to_keep=keep,
+            shift_labels=targets,
+            output_hidden_states=self.hidden_states,
         )
         loss = outputs.loss
         self.sums["llava_loss"] += loss.item()
-        if use_uir:
-            ids, mask = inputs["input_ids"][-uir_rows:], inputs["attention_mask"][-uir_rows:]
-            reference = reference_hidden(model, ids, mask)
-            term = uir_loss(outputs.hidden_states[-1][-uir_rows:], reference, mask)
-            self.sums["uir_loss"] += term.item()
-            loss = loss + self.uir_weight * term
+        forward = ForwardPass(model, inputs, outputs, keep, inquiry_rows)
+        for term in self.losses:
+            value = term(forward)
+            if value is not None:
+                self.sums[term.name] += value.item()
+                loss = loss + term.weight * value
         if any_rank_non_finite(loss):
             raise NonFiniteLoss(loss.item(), self.state.global_step + 1)
         self.sums["micro_batches"] += 1
@@ -119,12 +112,10 @@ class StageTrainer(Trainer):
         n = self.sums["micro_batches"]
         if n and "loss" in logs:
             elapsed = time.perf_counter() - self.window_start
-            logs["llava_loss"] = self.sums["llava_loss"] / n
-            logs["uir_loss"] = self.sums["uir_loss"] / n
+            logs |= {name: self.sums[name] / n for name in self.names}
+            logs |= self.step_logs
             logs["tokens_per_s"] = self.sums["tokens"] / max(elapsed, 1e-9)
-            self.sums = dict.fromkeys(self.sums, 0)
-            self.sums["llava_loss"] = self.sums["uir_loss"] = 0.0
-            self.window_start = time.perf_counter()
+            self.reset_window()
         super().log(logs, *args, **kwargs)
 
 
@@ -135,3 +126,47 @@ class LogFinalStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             control.should_log = True
+
+
+def hook_state_file(checkpoint: Path, rank: int) -> Path:
+    """Where a rank's step-hook state lives inside a Trainer checkpoint (per rank: under ZeRO a
+    hook's state is sharded like the optimizer's)."""
+    return Path(checkpoint) / f"step_hooks-rank{rank}.safetensors"
+
+
+class StepHookRunner(TrainerCallback):
+    """Calls the method's step hooks after every optimizer step (transformers calls
+    `on_optimizer_step` right after `optimizer.step()`, before the gradients are zeroed) and saves
+    their state into every checkpoint the Trainer writes, before Ray Train reports it."""
+
+    def __init__(self, trainer: StageTrainer, rank: int):
+        self.trainer, self.rank = trainer, rank
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        model = self.trainer.model
+        for hook in self.trainer.step_hooks:
+            for key, value in hook.on_optimizer_step(model).items():
+                self.trainer.step_logs[f"{hook.name}_{key}"] = value
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.trainer.step_hooks:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        tensors = {
+            f"{hook.name}.{key}": value.detach().contiguous().cpu()
+            for hook in self.trainer.step_hooks
+            for key, value in hook.state_dict().items()
+        }
+        save_file(tensors, str(hook_state_file(checkpoint, self.rank)))
+
+
+def restore_step_hooks(hooks: tuple[StepHook, ...], checkpoint: Path, rank: int, model) -> None:
+    """Give every hook the state it saved in `checkpoint` (a restarted worker)."""
+    if not hooks:
+        return
+    saved = load_file(str(hook_state_file(checkpoint, rank)))
+    for hook in hooks:
+        prefix = f"{hook.name}."
+        hook.load_state_dict(
+            {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}, model
+        )

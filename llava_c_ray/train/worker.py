@@ -17,7 +17,6 @@ from llava_c_ray.train.spec import StageData, StageSpec
 
 FINAL_MARKER = "final"
 NON_FINITE_MARKER = "non_finite_loss_step"
-LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def training_arguments(spec: StageSpec, output_dir: Path, rank: int, steps: int):
@@ -93,35 +92,6 @@ def deepspeed_config(spec: StageSpec) -> dict[str, Any]:
     }
 
 
-def language_model_linears(model: nn.Module) -> list[str]:
-    """Names of the language model's linear layers (LoRA targets for `all-linear`)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and ".language_model." in f".{name}."
-        and "lm_head" not in name
-    ]
-
-
-def add_lora(model: nn.Module, t: TrainingConfig) -> nn.Module:
-    """LoRA on the language model, projector trained in full, vision tower frozen (SPEC.md §2.3)."""
-    from peft import LoraConfig, get_peft_model
-
-    linears = language_model_linears(model)
-    if t.target_modules != "all-linear":
-        linears = [n for n in linears if n.rsplit(".", 1)[-1] in t.target_modules]
-    config = LoraConfig(
-        r=t.lora_r,
-        lora_alpha=t.lora_alpha,
-        lora_dropout=t.lora_dropout,
-        target_modules=linears,
-        modules_to_save=["multi_modal_projector"] if t.train_projector else None,
-        task_type=None,
-    )
-    return get_peft_model(model, config)
-
-
 def build_optimizer(model: nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
     """AdamW with the projector in its own group at `projector_lr`."""
     projector, rest = [], []
@@ -140,9 +110,10 @@ def load_model(spec: StageSpec):
     bf16, fp16 = precision_flags(spec.training, spec.use_gpu)
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     model = LlavaForConditionalGeneration.from_pretrained(spec.init, dtype=dtype)
-    if spec.training.full_finetune:
-        return model
-    return add_lora(model, spec.training)
+    model = spec.setup(model, spec.training)
+    for term in spec.losses:
+        term.setup(model)
+    return model
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -166,7 +137,13 @@ def train_in(work: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     from llava_c_ray.train.data import StageCollator
     from llava_c_ray.train.progress import PROGRESS_FILE, ProgressFile
     from llava_c_ray.train.stream import RowEncoder, ShardStream
-    from llava_c_ray.train.trainer import LogFinalStep, NonFiniteLoss, StageTrainer
+    from llava_c_ray.train.trainer import (
+        LogFinalStep,
+        NonFiniteLoss,
+        StageTrainer,
+        StepHookRunner,
+        restore_step_hooks,
+    )
 
     spec: StageSpec = config["spec"]
     data: StageData = config["data"]
@@ -176,6 +153,8 @@ def train_in(work: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     args = training_arguments(spec, work / "trainer", rank, config["steps"])
     processor = AutoProcessor.from_pretrained(spec.init)
     model = load_model(spec)
+    if resume is not None:
+        restore_step_hooks(spec.step_hooks, Path(resume), rank, model)
     trainer = StageTrainer(
         model=model,
         args=args,
@@ -188,7 +167,7 @@ def train_in(work: Path, config: dict[str, Any]) -> dict[str, Any] | None:
             collate=StageCollator(
                 processor.tokenizer.pad_token_id,
                 inquiry_rows(spec, processor, f"{spec.training.seed}-{rank}-{resumed_from}"),
-                spec.uir_rows,
+                spec.inquiry_rows,
             ),
             seed=spec.training.seed,
             start=resumed_from * spec.gradient_accumulation,
@@ -198,10 +177,14 @@ def train_in(work: Path, config: dict[str, Any]) -> dict[str, Any] | None:
             encode_cache_mb=spec.training.encode_cache_mb,
         ),
         optimizers=(build_optimizer(model, spec.training), None),
-        callbacks=[RayTrainReportCallback(), LogFinalStep()]
+        callbacks=[LogFinalStep()]
         + ([ProgressFile(spec.out / PROGRESS_FILE)] if rank == 0 else []),
-        uir_weight=spec.uir_weight,
+        losses=spec.losses,
+        step_hooks=spec.step_hooks,
     )
+    # Hook state goes into each checkpoint before Ray Train reports (uploads) it.
+    trainer.add_callback(StepHookRunner(trainer, rank))
+    trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -214,12 +197,12 @@ def train_in(work: Path, config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def inquiry_rows(spec: StageSpec, processor, seed: str):
-    """The stage's packed inquiry rows, or None when UIR is off. A resumed worker draws a fresh
-    order (`seed` names the resumed step): inquiries are regularisation samples, not a data
-    position to restore."""
+    """The stage's packed inquiry rows, or None when no loss term needs them. A resumed worker
+    draws a fresh order (`seed` names the resumed step): inquiries are regularisation samples,
+    not a data position to restore."""
     from llava_c_ray.train.data import InquiryRows
 
-    if spec.uir_weight == 0 or spec.inquiry is None:
+    if spec.inquiry is None:
         return None
     return InquiryRows(spec.inquiry, processor, spec.template, spec.inquiries_per_row, seed)
 
@@ -251,6 +234,8 @@ def report_final(
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
     }
+    for hook in spec.step_hooks:
+        hook.finalize(trainer.model)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -260,14 +245,11 @@ def report_final(
 
 
 def save_outputs(model: nn.Module, spec: StageSpec, processor, final: Path) -> None:
-    """`adapter/` (peft format) and `model/` (merged, standard HF checkpoint) under `final`."""
-    from llava_c_ray.train.trainer import unwrap
+    """The method's outputs under `final` (by default `adapter/` and the merged `model/`), with the
+    processor and the start checkpoint's other JSON files beside the model."""
+    from llava_c_ray.train.hooks import unwrap
 
-    model = unwrap(model)
-    if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(final / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(final / "model", max_shard_size="2GB")
+    spec.setup.save(unwrap(model), final)
     processor.save_pretrained(final / "model")
     for extra in Path(spec.init).glob("*.json"):
         if not (final / "model" / extra.name).exists():

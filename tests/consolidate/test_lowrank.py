@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 
 from llava_c_ray.consolidate.lowrank import (
     add_rebuilt,
-    consolidated_delta,
     consolidated_spectrum,
     dense_factors,
     lowrank_factors,
     rebuild,
 )
+from llava_c_ray.consolidate.rules import RULES
 
 shapes = st.tuples(
     st.integers(1, 24), st.integers(1, 24), st.integers(1, 8), st.integers(0, 10_000)
@@ -62,17 +62,17 @@ def test_scale_is_applied() -> None:
 def test_consolidated_delta_lora_equals_dense(boundary) -> None:
     gen = torch.Generator().manual_seed(3)
     b, a = torch.randn(20, 4, generator=gen), torch.randn(4, 15, generator=gen)
-    from_lora = consolidated_delta(0.3, boundary, lora=(b, a, 1.5))
-    from_dense = consolidated_delta(0.3, boundary, delta=1.5 * b.double() @ a.double())
+    from_lora = RULES["sac"].change(0.3, boundary, lora=(b, a, 1.5))
+    from_dense = RULES["sac"].change(0.3, boundary, delta=1.5 * b.double() @ a.double())
     torch.testing.assert_close(from_lora, from_dense, rtol=1e-5, atol=1e-8)
     assert torch.linalg.matrix_rank(from_lora) <= 4
 
 
 def test_consolidated_delta_of_a_vector_is_modelmix() -> None:
     vector = torch.arange(5.0)
-    torch.testing.assert_close(consolidated_delta(0.2, delta=vector), 0.2 * vector.double())
+    torch.testing.assert_close(RULES["sac"].change(0.2, delta=vector), 0.2 * vector.double())
     with pytest.raises(ValueError, match="exactly one"):
-        consolidated_delta(0.2)
+        RULES["sac"].change(0.2)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])

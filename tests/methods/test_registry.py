@@ -1,55 +1,86 @@
-"""The methods registry: each method's stages, UIR weight and consolidation."""
+"""The methods registry: each method's stages, loss terms, consolidation rule and parameters."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from llava_c_ray.config import job_from_dict
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.methods import METHODS, get_method
+from llava_c_ray.methods import METHODS, StageContext, bind, get_method
 
 TASKS = ["icon", "super", "math"]
 
 
 def job(**overrides: object):
-    data = {"tasks": [{"name": t, "train": "x", "test": "y"} for t in TASKS], **overrides}
+    data = {
+        "tasks": [{"name": t, "train": "x", "test": "y"} for t in TASKS],
+        "inquiry": {"path": "q.json"},
+        **overrides,
+    }
     return job_from_dict(data, check_files=False)
 
 
-def test_first_six_methods_registered() -> None:
-    assert {"finetune", "joint", "modelmix", "sac", "uir", "llava_c"} <= set(METHODS)
+def context(name: str, config=None) -> StageContext:
+    config = config or job(method={"name": name})
+    bound = bind(config)
+    stages = tuple(bound.stages(TASKS))
+    return StageContext(config, bound.params, stages[0], stages, Path("s"), Path("d"), Path("m"))
 
 
 @pytest.mark.parametrize(
-    ("name", "uir", "consolidation", "stages"),
+    ("name", "terms", "rule", "stages"),
     [
-        ("finetune", 0.0, "none", 3),
-        ("joint", 0.0, "none", 1),
-        ("modelmix", 0.0, "modelmix", 3),
-        ("sac", 0.0, "sac", 3),
-        ("uir", 1.0, "none", 3),
-        ("llava_c", 1.0, "sac", 3),
+        ("finetune", {}, "none", 3),
+        ("joint", {}, "none", 1),
+        ("modelmix", {}, "modelmix", 3),
+        ("sac", {}, "sac", 3),
+        ("uir", {"uir_loss": 1.0}, "none", 3),
+        ("llava_c", {"uir_loss": 1.0}, "sac", 3),
     ],
 )
-def test_method_decisions(name: str, uir: float, consolidation: str, stages: int) -> None:
-    method, config = get_method(name), job()
-    assert method.uir_weight(config) == uir
-    assert method.consolidation_for(config) == consolidation
-    planned = method.stages(TASKS)
+def test_method_decisions(name: str, terms: dict, rule: str, stages: int) -> None:
+    bound = bind(job(method={"name": name}))
+    parts = get_method(name).training(context(name))
+    assert {t.name: t.weight for t in parts.losses} == terms
+    assert bound.rule.name == rule
+    planned = bound.stages(TASKS)
     assert len(planned) == stages
     assert sorted(t for s in planned for t in s.tasks) == sorted(TASKS)
 
 
+def test_uir_weight_comes_from_the_job_and_zero_drops_the_term() -> None:
+    assert (
+        get_method("uir").training(context("uir", job(uir={"weight": 0.5}))).losses[0].weight == 0.5
+    )
+    assert get_method("uir").training(context("uir", job(uir={"weight": 0}))).losses == ()
+
+
 def test_stage_dirnames_are_ordered() -> None:
-    names = [s.dirname for s in get_method("sac").stages(TASKS)]
+    names = [s.dirname for s in bind(job(method={"name": "sac"})).stages(TASKS)]
     assert names == ["01-icon", "02-super", "03-math"]
 
 
 def test_explicit_consolidation_overrides_method() -> None:
-    config = job(consolidation={"method": "modelmix"})
-    assert get_method("finetune").consolidation_for(config) == "modelmix"
+    config = job(method={"name": "finetune"}, consolidation={"method": "modelmix"})
+    assert bind(config).rule.name == "modelmix"
 
 
-def test_unknown_method_lists_known() -> None:
-    with pytest.raises(LlavaCError, match="llava_c"):
-        get_method("nope")
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"method": {"name": "nope"}}, "(?s)unknown method 'nope'.*llava_c"),
+        ({"consolidation": {"method": "ties"}}, "(?s)unknown consolidation rule 'ties'.*sac"),
+        ({"method": {"name": "sac", "params": {"alpha": 1}}}, r"method\.params\.alpha: unknown"),
+    ],
+)
+def test_bad_names_and_params_are_named(overrides: dict, match: str) -> None:
+    with pytest.raises(LlavaCError, match=match):
+        bind(job(**overrides))
+
+
+def test_every_method_lists_its_parameters_with_defaults() -> None:
+    for method in METHODS.values():
+        defaults = method.params().model_dump()
+        assert [line.split(" = ")[0] for line in method.parameter_lines()] == list(defaults)

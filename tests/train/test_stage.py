@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -14,6 +15,8 @@ import torch
 
 from llava_c_ray.config import job_from_dict
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.methods.uir import UIRTerm
+from llava_c_ray.train.hooks import StepHook
 from llava_c_ray.train.spec import StageSpec
 from llava_c_ray.train.stage import run_stage
 
@@ -42,9 +45,8 @@ def stage_job(benchmark: Path, **training):
 def spec_for(
     job, init: Path, out: Path, uir_weight: float = 1.0, task: str = "icon_count"
 ) -> StageSpec:
-    return StageSpec.from_job(
-        job, tasks=[job.task(task)], init=init, out=out, uir_weight=uir_weight
-    )
+    losses = (UIRTerm(uir_weight),) if uir_weight > 0 else ()
+    return StageSpec.from_job(job, tasks=[job.task(task)], init=init, out=out, losses=losses)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +114,8 @@ def test_lowrank_sac_of_the_trained_adapter_equals_dense_sac(
 ) -> None:
     """SAC from the adapter's factors = SAC by dense SVD of s·B·A, for every LoRA pair the stage
     runner trained (issue 5)."""
-    from llava_c_ray.consolidate.lowrank import consolidated_delta
     from llava_c_ray.consolidate.plan import plan_adapter
+    from llava_c_ray.consolidate.rules import RULES
     from llava_c_ray.model.safetensors_io import LazyCheckpoint
 
     items, adapter = plan_adapter(LazyCheckpoint(tiny_checkpoint), trained.adapter_dir)
@@ -121,8 +123,8 @@ def test_lowrank_sac_of_the_trained_adapter_equals_dense_sac(
     assert len(pairs) >= 12
     for item in pairs:
         b, a = adapter.get(item.lora_b).double(), adapter.get(item.lora_a).double()
-        low = consolidated_delta(0.3, boundary, lora=(b, a, item.scale))
-        dense = consolidated_delta(0.3, boundary, delta=item.scale * b @ a)
+        low = RULES["sac"].change(0.3, boundary, lora=(b, a, item.scale))
+        dense = RULES["sac"].change(0.3, boundary, delta=item.scale * b @ a)
         assert (low - dense).norm() <= 1e-5 * dense.norm(), item.name
 
 
@@ -163,13 +165,37 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(
                 killed.append(proc.pid)
                 return
 
+    class CountSteps(StepHook):
+        """A method's per-step state: restored from the checkpoint, the count reaches 80."""
+
+        name = "count"
+
+        def __init__(self) -> None:
+            self.count = torch.zeros(())
+
+        def on_optimizer_step(self, model) -> dict[str, float]:
+            self.count += 1
+            return {"steps": float(self.count)}
+
+        def state_dict(self) -> dict[str, torch.Tensor]:
+            return {"steps": self.count}
+
+        def load_state_dict(self, state, model) -> None:
+            self.count = state["steps"].clone()
+
+        def finalize(self, model) -> None:
+            (out / f"count-{os.getpid()}.txt").write_text(str(int(self.count)))
+
     killer = threading.Thread(target=kill_a_worker_after_first_checkpoint)
     killer.start()
-    result = run_stage(spec_for(job, tiny_checkpoint, out))
+    spec = dataclasses.replace(spec_for(job, tiny_checkpoint, out), step_hooks=(CountSteps(),))
+    result = run_stage(spec)
     killer.join()
     assert killed, "no training worker was found to kill"
     assert result.steps == 80
     assert result.metrics["resumed_from"] > 0
+    counts = [int(p.read_text()) for p in out.glob("count-*.txt")]
+    assert counts == [80, 80], counts
     from transformers import LlavaForConditionalGeneration
 
     LlavaForConditionalGeneration.from_pretrained(result.model_dir)

@@ -22,16 +22,15 @@ import hashlib
 import io
 import json
 import random
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_c_ray.data.scoring import score
 from llava_c_ray.data.synthetic import domains
 from llava_c_ray.data.synthetic.domains import Domain, Sample
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.evaluate.scoring import score
+from llava_c_ray.files import atomic_directory
 
 
 @dataclass(frozen=True)
@@ -201,9 +200,7 @@ def generate_benchmark(
             "output directory exists and is not empty", path=out, fix="choose a new --out"
         )
     sizes = SIZES[scale]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         writer = Writer(tmp)
         index = {"name": "llava-c-builtin", "seed": seed, "scale": scale, "image_folder": "images"}
         for group, specs in (("general", GENERAL), ("continual", CONTINUAL)):
@@ -220,11 +217,6 @@ def generate_benchmark(
         index["general_probe"] = write_probe(writer, random.Random(f"{seed}-probe"), sizes["probe"])
         index["inquiry"] = write_inquiries(tmp, random.Random(f"{seed}-inquiry"), sizes["inquiry"])
         (tmp / "benchmark.json").write_text(json.dumps(index, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from llava_c_ray.train.trainer import reference_hidden
+from llava_c_ray.methods.uir import reference_hidden
 
 
 def test_reference_is_the_start_model_not_the_adapted_one(tiny_checkpoint: Path) -> None:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llava_c_ray.data.scoring import SCORERS, box_iou, extract_letter, parse_box, score
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.evaluate.scoring import SCORERS, box_iou, extract_letter, parse_box, score
 
 words = st.text(alphabet="abcdefghij ", min_size=1, max_size=30).filter(lambda s: s.strip())
 

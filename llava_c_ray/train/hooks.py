@@ -1,0 +1,152 @@
+"""What a continual-learning method plugs into a training worker.
+
+A method (llava_c_ray/methods) builds these objects on the driver; they travel to the Ray Train
+workers inside the `StageSpec` (so they must pickle) and are called there:
+
+- a `ModelSetup` turns the loaded start checkpoint into the model to train (default: LoRA on the
+  language model, projector in full, vision tower frozen — SPEC.md §2.3);
+- `LossTerm`s are added to L_llava in `StageTrainer.compute_loss`, each weighted and logged under
+  its name (console, TensorBoard);
+- `StepHook`s run after every optimizer step with the clipped, averaged gradients still in place,
+  keep state that is saved with every stage checkpoint (a restarted worker resumes it), and may
+  change the model before it is saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava_c_ray.config import TrainingConfig
+from llava_c_ray.model.keys import language_model_linears
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DeepSpeed wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def stage_start_model(model: nn.Module) -> Iterator[nn.Module]:
+    """The stage-start model θ̃_{t-1} without a second copy: the peft model with its adapters
+    (and `modules_to_save` copies, e.g. the projector) disabled, in no-grad mode."""
+    inner = unwrap(model)
+    disabled = (
+        inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
+    )
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    with torch.no_grad(), disabled:
+        yield base
+
+
+@dataclass
+class ForwardPass:
+    """One micro-batch's gradient-carrying forward, as a loss term sees it.
+
+    The last `inquiry_rows` rows of `inputs` are unlabeled text inquiries (when some term asked for
+    them); `outputs.logits` holds the LM head's logits only where `keep` is true (the positions
+    whose next token is an answer token), flattened in row-major order; `outputs.hidden_states`
+    is there when some term asked for it.
+    """
+
+    model: nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: Any
+    keep: torch.Tensor
+    inquiry_rows: int
+
+    def inquiries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of the inquiry rows."""
+        rows = self.inquiry_rows
+        return self.inputs["input_ids"][-rows:], self.inputs["attention_mask"][-rows:]
+
+    def training_inputs(self) -> dict[str, torch.Tensor]:
+        """The micro-batch without its inquiry rows (what the model's labels belong to)."""
+        rows = self.inquiry_rows
+        if rows == 0:
+            return self.inputs
+        return {k: v if k == "pixel_values" else v[:-rows] for k, v in self.inputs.items()}
+
+
+class LossTerm:
+    """A weighted term of the stage loss, logged as `name`. Subclasses set the class attributes
+    they need and implement `__call__`; `setup` runs once on the worker after the model is built."""
+
+    name: str = "term"
+    needs_inquiries: bool = False
+    """Append packed unlabeled inquiry rows (the job's `inquiry` set) to every micro-batch."""
+    needs_hidden_states: bool = False
+    """Return the hidden states of every layer from the forward."""
+    weight: float = 1.0
+
+    def setup(self, model: nn.Module) -> None:
+        """Load what the term needs on the worker (reference tensors, earlier adapters)."""
+
+    def __call__(self, forward: ForwardPass) -> torch.Tensor | None:
+        """The unweighted term for this micro-batch (None: nothing to add this time)."""
+        raise NotImplementedError
+
+
+class StepHook:
+    """Runs after every optimizer step (gradients clipped, averaged and not yet zeroed)."""
+
+    name: str = "hook"
+
+    def on_optimizer_step(self, model: nn.Module) -> dict[str, float]:
+        """Update the hook's state; returns numbers to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors saved with every stage checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        """Restore the state saved by `state_dict` (a restarted worker)."""
+
+    def finalize(self, model: nn.Module) -> None:
+        """Change the trained model before it is saved (e.g. θ ← θ*)."""
+
+
+class ModelSetup:
+    """How the loaded start checkpoint becomes the model a stage trains, and how the trained model
+    is saved. Default: a fresh LoRA on the language model's linears, the projector trained in
+    full, the vision tower frozen (SPEC.md §2.3) — or the whole language model with
+    `training.full_finetune`; saved as `adapter/` (peft) and `model/` (merged, a standard HF
+    checkpoint)."""
+
+    def __call__(self, model: nn.Module, training: TrainingConfig) -> nn.Module:
+        return model if training.full_finetune else add_lora(model, training)
+
+    def save(self, model: nn.Module, final: Path) -> None:
+        """Write the stage's outputs under `final`: `model/` must be a checkpoint the method's
+        `load_model` loads (sidecar files of the method go inside it)."""
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(final / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(final / "model", max_shard_size="2GB")
+
+
+def add_lora(model: nn.Module, t: TrainingConfig) -> nn.Module:
+    """peft LoRA on the language model's linears (`target_modules` picks among them)."""
+    from peft import LoraConfig, get_peft_model
+
+    linears = language_model_linears(model)
+    if t.target_modules != "all-linear":
+        linears = [n for n in linears if n.rsplit(".", 1)[-1] in t.target_modules]
+    config = LoraConfig(
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=linears,
+        modules_to_save=["multi_modal_projector"] if t.train_projector else None,
+        task_type=None,
+    )
+    return get_peft_model(model, config)
