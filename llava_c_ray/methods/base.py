@@ -73,6 +73,26 @@ class StageContext:
     def tasks(self) -> list[TaskConfig]:
         return [self.job.task(name) for name in self.stage.tasks]
 
+    def state_file(self, name: str, index: int | None = None) -> Path:
+        """`RUN_DIR/method/<name>-NN.safetensors`: the method's state after stage NN (this one)."""
+        return (
+            self.state_dir
+            / f"{name}-{self.stage.index if index is None else index:02d}.safetensors"
+        )
+
+    def earlier_state(self, name: str) -> Path | None:
+        """The state the previous stage left (None in stage 1), or an error if it is missing."""
+        if self.stage.index == 1:
+            return None
+        path = self.state_file(name, self.stage.index - 1)
+        if not path.is_file():
+            raise LlavaCError(
+                f"the state the earlier stages left for this method ({name}) is missing",
+                path=path,
+                fix="rerun the job from its first stage (the run directory lost method/)",
+            )
+        return path
+
     def earlier_tasks(self) -> list[TaskConfig]:
         """Tasks trained in the stages before this one, in order."""
         names = [n for s in self.stages[: self.stage.index - 1] for n in s.tasks]

@@ -42,6 +42,7 @@ from llava_c_ray.train.spec import TrainFile
 
 PROJECTOR = "multi_modal_projector"
 PEFT_PREFIX = "base_model.model."
+STATE = "ewc-fisher"
 
 
 class EWCParams(Params):
@@ -51,11 +52,6 @@ class EWCParams(Params):
     """Training rows of each finished task the Fisher is averaged over [choice]."""
     seed: int = 0
     """Seed of the choice of those rows."""
-
-
-def fisher_file(state_dir: Path, index: int) -> Path:
-    """F_1 + … + F_index."""
-    return state_dir / f"ewc-fisher-{index:02d}.safetensors"
 
 
 def penalised(model: torch.nn.Module) -> list[str]:
@@ -148,7 +144,7 @@ def fisher_after_stage(ctx: StageContext, trained: TrainedStage) -> None:
 
     params: EWCParams = ctx.params
     files = [TrainFile(t.train, t.image_folder, t.instruction) for t in ctx.tasks()]
-    earlier = fisher_file(ctx.state_dir, ctx.stage.index - 1) if ctx.stage.index > 1 else None
+    earlier = ctx.earlier_state(STATE)
     ensure_ray()
     resources = {"num_gpus": 1} if ctx.job.cluster.use_gpu else {"num_cpus": 1}
     task = ray.remote(**resources)(estimate_fisher)
@@ -161,7 +157,7 @@ def fisher_after_stage(ctx: StageContext, trained: TrainedStage) -> None:
             ctx.job.model.template,
             ctx.job.training.max_length,
             earlier,
-            fisher_file(ctx.state_dir, ctx.stage.index),
+            ctx.state_file(STATE),
         )
     )
 
@@ -226,16 +222,8 @@ def projector_pair(params: dict, name: str, fisher: torch.Tensor):
 
 
 def ewc_training(ctx: StageContext) -> TrainingParts:
-    if ctx.stage.index == 1:
-        return TrainingParts()
-    fisher = fisher_file(ctx.state_dir, ctx.stage.index - 1)
-    if not fisher.is_file():
-        raise LlavaCError(
-            "the earlier stages' Fisher estimate is missing",
-            path=fisher,
-            fix="rerun the job from its first stage (the run directory lost method/)",
-        )
-    return TrainingParts(losses=(EWCTerm(fisher, ctx.params.weight),))
+    fisher = ctx.earlier_state(STATE)
+    return TrainingParts(losses=(EWCTerm(fisher, ctx.params.weight),) if fisher else ())
 
 
 METHOD = register(

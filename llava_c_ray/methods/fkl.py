@@ -14,7 +14,7 @@ from pydantic import Field
 
 from llava_c_ray.methods.base import Method, Params, StageContext, TrainingParts, register
 from llava_c_ray.methods.distill import distillation_kl
-from llava_c_ray.methods.uir import reference_hidden
+from llava_c_ray.methods.uir import inquiry_states
 from llava_c_ray.train.hooks import ForwardPass, LossTerm, unwrap
 
 
@@ -41,12 +41,11 @@ class FKLTerm(LossTerm):
     def __call__(self, forward: ForwardPass) -> torch.Tensor | None:
         if forward.inquiry_rows == 0:
             return None
-        ids, mask = forward.inquiries()
+        hidden, reference, mask = inquiry_states(forward)
         valid = mask.bool()
         head = lm_head(forward.model)
-        hidden = forward.outputs.hidden_states[-1][-forward.inquiry_rows :]
         with torch.no_grad():
-            teacher = head(reference_hidden(forward.model, ids, mask)[valid])
+            teacher = head(reference[valid])
         return distillation_kl(head(hidden[valid]), teacher)
 
 

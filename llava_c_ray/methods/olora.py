@@ -28,6 +28,7 @@ from llava_c_ray.methods.base import (
 from llava_c_ray.train.hooks import ForwardPass, LossTerm, unwrap
 
 LORA_A = ".lora_A.weight"
+STATE = "olora-A"
 
 
 class OLoRAParams(Params):
@@ -35,11 +36,6 @@ class OLoRAParams(Params):
     """Weight of the orthogonality term Σ|A_i·A_tᵀ| [src O-LoRA: 0.5]."""
     lambda2: float = Field(default=0.0, ge=0)
     """Weight of ‖A_t‖² [src O-LoRA: 0]."""
-
-
-def state_file(state_dir: Path, index: int) -> Path:
-    """The earlier A matrices stacked after stage `index`."""
-    return state_dir / f"olora-A-{index:02d}.safetensors"
 
 
 def orthogonality(earlier: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
@@ -86,16 +82,8 @@ class OLoRATerm(LossTerm):
 
 def olora_training(ctx: StageContext) -> TrainingParts:
     params: OLoRAParams = ctx.params
-    earlier = None
-    if ctx.stage.index > 1:
-        earlier = state_file(ctx.state_dir, ctx.stage.index - 1)
-        if not earlier.is_file():
-            raise LlavaCError(
-                "the earlier stages' O-LoRA subspaces are missing",
-                path=earlier,
-                fix="rerun the job from its first stage (the run directory lost method/)",
-            )
-    return TrainingParts(losses=(OLoRATerm(earlier, params.lambda1, params.lambda2),))
+    term = OLoRATerm(ctx.earlier_state(STATE), params.lambda1, params.lambda2)
+    return TrainingParts(losses=(term,))
 
 
 def keep_subspace(ctx: StageContext, trained: TrainedStage) -> None:
@@ -106,14 +94,13 @@ def keep_subspace(ctx: StageContext, trained: TrainedStage) -> None:
     current = {
         key.removesuffix(LORA_A): value for key, value in adapter.items() if key.endswith(LORA_A)
     }
-    stacked = current
-    if ctx.stage.index > 1:
-        earlier = load_file(str(state_file(ctx.state_dir, ctx.stage.index - 1)))
-        stacked = {k: torch.cat([earlier[k], v]) if k in earlier else v for k, v in current.items()}
+    earlier_file = ctx.earlier_state(STATE)
+    earlier = load_file(str(earlier_file)) if earlier_file else {}
+    stacked = {k: torch.cat([earlier[k], v]) if k in earlier else v for k, v in current.items()}
     ctx.state_dir.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in stacked.items()},
-        str(state_file(ctx.state_dir, ctx.stage.index)),
+        str(ctx.state_file(STATE)),
     )
 
 

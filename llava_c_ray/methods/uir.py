@@ -38,10 +38,15 @@ class UIRTerm(LossTerm):
     def __call__(self, forward: ForwardPass) -> torch.Tensor | None:
         if forward.inquiry_rows == 0:
             return None
-        ids, mask = forward.inquiries()
-        reference = reference_hidden(forward.model, ids, mask)
-        hidden = forward.outputs.hidden_states[-1][-forward.inquiry_rows :]
-        return uir_loss(hidden, reference, mask)
+        return uir_loss(*inquiry_states(forward))
+
+
+def inquiry_states(forward: ForwardPass) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(final hidden states of the trained model, of the stage-start model, attention mask) on
+    the micro-batch's inquiry rows."""
+    ids, mask = forward.inquiries()
+    reference = reference_hidden(forward.model, ids, mask)
+    return forward.outputs.hidden_states[-1][-forward.inquiry_rows :], reference, mask
 
 
 def uir_training(ctx: StageContext) -> TrainingParts:

@@ -10,7 +10,7 @@ import torch
 
 from llava_c_ray.config import TrainingConfig, job_from_dict
 from llava_c_ray.methods import StageContext, TrainedStage, bind
-from llava_c_ray.methods.olora import OLoRATerm, keep_subspace, state_file
+from llava_c_ray.methods.olora import STATE, OLoRATerm, keep_subspace
 from llava_c_ray.train.hooks import ModelSetup
 
 TASKS = ["a", "b"]
@@ -39,10 +39,9 @@ def first_stage_subspace(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     """Stage 1 trained (random A), its adapter saved by peft, its subspace kept."""
     model = lora_model(tiny_checkpoint, seed=1)
     model.save_pretrained(tmp_path / "adapter")
-    keep_subspace(
-        context(tmp_path / "method", 1), TrainedStage(tmp_path / "m", tmp_path / "adapter")
-    )
-    return state_file(tmp_path / "method", 1)
+    ctx = context(tmp_path / "method", 1)
+    keep_subspace(ctx, TrainedStage(tmp_path / "m", tmp_path / "adapter"))
+    return ctx.state_file(STATE)
 
 
 def a_matrices(model) -> dict[str, torch.nn.Parameter]:
