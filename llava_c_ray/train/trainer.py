@@ -22,7 +22,9 @@ from transformers import Trainer, TrainerCallback
 
 from llava_c_ray.data.template import IGNORE_INDEX
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.train.hooks import ForwardPass, LossTerm, StepHook
+from llava_c_ray.model.keys import parameter_names
+from llava_c_ray.model.safetensors_io import LazyCheckpoint
+from llava_c_ray.train.hooks import ForwardPass, LossTerm, StepHook, unwrap
 
 
 class NonFiniteLoss(LlavaCError):
@@ -103,6 +105,17 @@ class StageTrainer(Trainer):
         self.sums["tokens"] += int(inputs["attention_mask"].sum())
         return (loss, outputs) if return_outputs else loss
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """A restarted worker's weights. peft models load their adapters by name (transformers'
+        own path); a fully trained model is read through its checkpoint keys, which
+        `save_pretrained` writes renamed (transformers' own path would match none and load
+        nothing, silently)."""
+        model = unwrap(model or self.model)
+        if hasattr(model, "peft_config"):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_saved_weights(model, Path(resume_from_checkpoint))
+
     def get_train_dataloader(self) -> DataLoader:
         """The stream's own micro-batches: Ray Data already split the data between workers, so
         no sampler or accelerate sharding on top."""
@@ -126,6 +139,22 @@ class LogFinalStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             control.should_log = True
+
+
+def load_saved_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Every parameter of `model` from a `save_pretrained` directory, through the checkpoint-key
+    renaming; a parameter the checkpoint lacks is an error, not a silent skip."""
+    saved = LazyCheckpoint(checkpoint)
+    names = parameter_names(model, saved.keys())
+    state = {names[key]: saved.get(key) for key in saved.keys()}
+    missing = {name for name, _ in model.named_parameters()} - set(state)
+    if missing:
+        raise LlavaCError(
+            f"the checkpoint lacks {len(missing)} parameters of the model, e.g. {sorted(missing)[:3]}",
+            path=checkpoint,
+            fix="resume from a checkpoint this stage wrote",
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def hook_state_file(checkpoint: Path, rank: int) -> Path:
