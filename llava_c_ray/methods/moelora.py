@@ -53,7 +53,7 @@ from llava_c_ray.evaluate.evaluator import load_hf_model
 from llava_c_ray.files import write_json_atomic
 from llava_c_ray.methods.base import Method, Params, StageContext, TrainingParts, register
 from llava_c_ray.model.keys import language_model_linears
-from llava_c_ray.train.hooks import ModelSetup, StepHook, unwrap
+from llava_c_ray.train.hooks import ModelSetup
 
 SIDECAR = "moelora.safetensors"
 SIDECAR_CONFIG = "moelora.json"
@@ -287,34 +287,6 @@ class MoELoRASetup(ModelSetup):
         write_experts(model, out)
 
 
-class KeepTrainedTensors(StepHook):
-    """Keeps the trained tensors (experts, routers, projector) in every stage checkpoint and puts
-    them back in a restarted worker. Needed because transformers' resume loads a checkpoint's
-    weights by name with strict=False, and the names it saved them under (transformers 5 renames
-    LLaVA keys on save) match no parameter: without this a resumed stage restarts from fresh
-    experts."""
-
-    name = "moelora"
-
-    def __init__(self) -> None:
-        self.params: dict[str, nn.Parameter] = {}
-
-    def on_optimizer_step(self, model: nn.Module) -> dict[str, float]:
-        if not self.params:
-            self.params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
-        return {}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: param.detach() for name, param in self.params.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
-        params = dict(unwrap(model).named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
-        self.params = {name: params[name] for name in state}
-
-
 def moelora_training(ctx: StageContext) -> TrainingParts:
     params: MoELoRAParams = ctx.params
     t = ctx.job.training
@@ -342,9 +314,7 @@ def moelora_training(ctx: StageContext) -> TrainingParts:
             path=ctx.start_model,
             fix="start from the previous moelora stage's model (rerun the job from its first stage)",
         )
-    return TrainingParts(
-        setup=MoELoRASetup(params.experts, carried), step_hooks=(KeepTrainedTensors(),)
-    )
+    return TrainingParts(setup=MoELoRASetup(params.experts, carried))
 
 
 METHOD = register(
