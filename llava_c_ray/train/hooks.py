@@ -96,7 +96,10 @@ class LossTerm:
 
 
 class StepHook:
-    """Runs after every optimizer step (gradients clipped, averaged and not yet zeroed)."""
+    """Runs after every optimizer step. Under DDP the gradients are still in place (clipped,
+    averaged, not yet zeroed); under DeepSpeed the engine has already stepped and released them
+    inside the backward pass, so a hook that needs them there registers itself on DeepSpeed's inner
+    optimizer (see `llaca`)."""
 
     name: str = "hook"
 

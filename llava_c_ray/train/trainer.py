@@ -165,8 +165,9 @@ def hook_state_file(checkpoint: Path, rank: int) -> Path:
 
 class StepHookRunner(TrainerCallback):
     """Calls the method's step hooks after every optimizer step (transformers calls
-    `on_optimizer_step` right after `optimizer.step()`, before the gradients are zeroed) and saves
-    their state into every checkpoint the Trainer writes, before Ray Train reports it."""
+    `on_optimizer_step` right after `optimizer.step()`, before the gradients are zeroed — under
+    DDP; DeepSpeed steps and frees them inside the backward pass) and saves their state into every
+    checkpoint the Trainer writes, before Ray Train reports it."""
 
     def __init__(self, trainer: StageTrainer, rank: int):
         self.trainer, self.rank = trainer, rank
