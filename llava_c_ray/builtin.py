@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_c_ray.config import job_from_dict
-from llava_c_ray.files import atomic_directory, move_into_place
+from llava_c_ray.errors import LlavaCError
+from llava_c_ray.files import atomic_directory, move_into_place, refuse_overlap, refuse_replacing
 
 BASE_RECIPE = {
     "name": "builtin-base",
@@ -66,6 +67,14 @@ def build_tiny(benchmark: Path, out: Path, seed: int, dims=None) -> Path:
     from llava_c_ray.data.template import SYSTEM
     from llava_c_ray.model.tiny import build_tiny_llava
 
+    if not (Path(benchmark) / "benchmark.json").is_file():
+        raise LlavaCError(
+            "not a benchmark directory (no benchmark.json)",
+            path=benchmark,
+            fix="build one with `llava-c data synth --out DIR` and pass it as --benchmark",
+        )
+    refuse_overlap(out, [benchmark], fix="choose an --out outside the benchmark directory")
+    refuse_replacing(out, overwrite=False)
     print(f"[llava-c] building the tiny LLaVA in {out}", flush=True)
     # The template's fixed text is part of every prompt: its system line is one token, its role
     # tags are learnt as few.

@@ -86,10 +86,12 @@ def report(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from llava_c_ray.pipeline import standalone_stage_spec
+    from llava_c_ray.pipeline import apply_skipped, check_job_data, standalone_stage_spec
     from llava_c_ray.train.stage import run_stage
 
     job = load(args.job, args.overrides)
+    reports = check_job_data(job, [args.task], evaluation=False)
+    job = apply_skipped(job, reports, args.out)
     result = run_stage(standalone_stage_spec(job, args.task, args.init, args.out))
     print(f"θ_t: {result.model_dir}\nadapter: {result.adapter_dir}\nsteps: {result.steps}")
     return 0
@@ -99,7 +101,9 @@ def data_validate(args: argparse.Namespace) -> int:
     from llava_c_ray.data.records import read_records
     from llava_c_ray.data.validate import validate_records
 
-    report_ = validate_records(read_records(args.file), args.file, args.image_folder)
+    report_ = validate_records(
+        read_records(args.file), args.file, args.image_folder, max_pixels=args.max_image_pixels
+    )
     print(report_.summary())
     if args.skipped_out:
         report_.write_skipped(args.skipped_out)
@@ -110,7 +114,13 @@ def data_prepare(args: argparse.Namespace) -> int:
     from llava_c_ray.data.shards import prepare_shards
 
     out = prepare_shards(
-        args.file, args.image_folder, args.out, mode=args.mode, overwrite=args.overwrite
+        args.file,
+        args.image_folder,
+        args.out,
+        mode=args.mode,
+        overwrite=args.overwrite,
+        max_pixels=args.max_image_pixels,
+        skip_hint="pass --mode skip",
     )
     print(f"wrote {out}")
     return 0
@@ -162,6 +172,28 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", help="key=value overrides anywhere after JOB, e.g. training.lr=1e-4"
     )
+
+
+def add_pixel_limit(parser: argparse.ArgumentParser) -> None:
+    from llava_c_ray.data.validate import MAX_IMAGE_PIXELS
+
+    parser.add_argument(
+        "--max-image-pixels",
+        type=positive_int,
+        default=MAX_IMAGE_PIXELS,
+        metavar="N",
+        help=f"largest valid image, width × height (default {MAX_IMAGE_PIXELS:,})",
+    )
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--image-folder", type=Path)
     p.add_argument("--skipped-out", type=Path, help="write the invalid ids and reasons here (JSON)")
+    add_pixel_limit(p)
     p.set_defaults(handler=data_validate)
     p = data_commands.add_parser(
         "prepare", help="validated records + image bytes as Parquet shards"
@@ -230,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--mode", choices=("strict", "skip"), default="strict")
     p.add_argument("--overwrite", action="store_true")
+    add_pixel_limit(p)
     p.set_defaults(handler=data_prepare)
     p = data_commands.add_parser("synth", help="generate the built-in benchmark")
     p.add_argument("--out", required=True, type=Path)

@@ -28,10 +28,11 @@ Scoring = Literal["exact", "choice", "bbox", "f1"]
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, assignments are re-validated."""
+    """Base of every section: unknown keys are errors, assignments are re-validated, and no
+    float may be inf or nan (no key of the schema means "unbounded" by one)."""
 
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
     )
 
     @field_validator("*", mode="after")
@@ -99,6 +100,15 @@ class UIRConfig(Section):
     inquiries_per_row: int = Field(default=8, ge=1)
     """At most this many inquiries are packed into one row; a row never grows past the longest
     training row of its micro-batch, so the inquiries do not lengthen the padded batch."""
+
+
+class DataConfig(Section):
+    max_image_pixels: int | None = Field(default=None, gt=0)
+    """Largest image (width × height) a record may carry; larger ones are invalid records.
+    None = the data layer's limit (`data/validate.py` MAX_IMAGE_PIXELS, 50 MP)."""
+    on_error: Literal["strict", "skip"] = "strict"
+    """Invalid training records: `strict` stops before the first stage, naming them; `skip`
+    trains on the rest and writes the skipped ids to RUN_DIR/skipped/<task>.json."""
 
 
 class MethodConfig(Section):
@@ -290,6 +300,7 @@ class JobConfig(Section):
     """Unlabeled text-only inquiries for UIR."""
     general_probe: ProbeConfig | None = None
     """Held-out general-ability probe evaluated at every stage."""
+    data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     uir: UIRConfig = Field(default_factory=UIRConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -373,6 +384,10 @@ def load_job(
 ) -> JobConfig:
     """Read a job YAML, apply `key=value` overrides, validate, and check the data files exist."""
     path = Path(path)
+    if path.is_dir():
+        raise LlavaCError(
+            "the job file is a directory", path=path, fix="pass the path of a job YAML inside it"
+        )
     if not path.is_file():
         raise LlavaCError("job file not found", path=path, fix="pass the path of a job YAML")
     try:
@@ -380,7 +395,11 @@ def load_job(
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise LlavaCError(f"not valid YAML: {exc}", path=path, fix="fix the YAML syntax") from exc
     if not isinstance(data, dict):
-        raise LlavaCError("a job file must be a mapping of sections", path=path)
+        raise LlavaCError(
+            "a job file must be a mapping of sections",
+            path=path,
+            fix="write `section: {key: value}` at the top level (see `llava-c jobs show demo`)",
+        )
     return job_from_dict(data, overrides, source=path, check_files=check_files)
 
 
@@ -405,7 +424,11 @@ def job_from_dict(
     try:
         job = JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise LlavaCError(describe_validation_error(exc), path=source) from None
+        raise LlavaCError(
+            describe_validation_error(exc),
+            path=source,
+            fix="correct these keys in the job file or in the key=value overrides",
+        ) from None
     if check_files:
         check_data_files(job, source)
     return job
@@ -421,12 +444,30 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     for i, part in enumerate(parents):
         node = _child(node, part, key)
         if not isinstance(node, dict | list):
-            raise LlavaCError(f"override {key!r}: {'.'.join(parents[: i + 1])} is not a section")
-    value = yaml.safe_load(raw) if raw else ""
+            raise LlavaCError(
+                f"override {key!r}: {'.'.join(parents[: i + 1])} is not a section",
+                fix="address a key inside a section, e.g. training.lr=1e-4",
+            )
+    value = override_value(key, raw)
     if isinstance(node, list):
         node[_list_index(node, leaf, key)] = value
     else:
         node[leaf] = value
+
+
+def override_value(key: str, raw: str) -> Any:
+    """The YAML value of an override; plain YAML only (no tags such as `!!python/...`)."""
+    if not raw:
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LlavaCError(
+            f"override {key}={raw!r}: the value is not plain YAML ({problem})",
+            fix="write a plain YAML value: a number (1e-4), true/false, a list [a, b] "
+            "or a quoted string",
+        ) from None
 
 
 def _child(node: Any, part: str, key: str) -> Any:
@@ -447,9 +488,10 @@ def _list_index(node: list, part: str, key: str) -> int:
 def expand_benchmark(data: dict[str, Any], source: str | Path) -> None:
     """Fill tasks / inquiry / general probe from a built-in benchmark's `benchmark.json`."""
     bench = data["benchmark"]
-    root = Path(bench["path"]) if isinstance(bench, dict) and "path" in bench else None
-    if root is None:
+    path = bench.get("path") if isinstance(bench, dict) else None
+    if not isinstance(path, str) or not path:
         raise LlavaCError("benchmark needs a `path`", path=source, fix="set benchmark.path: DIR")
+    root = Path(path)
     index_file = root / "benchmark.json"
     if not index_file.is_file():
         raise LlavaCError(
@@ -457,12 +499,40 @@ def expand_benchmark(data: dict[str, Any], source: str | Path) -> None:
             path=root,
             fix=f"build it with `llava-c data synth --out {root}`",
         )
-    index = json.loads(index_file.read_text())
+    index = read_benchmark_index(index_file)
     setting = bench.get("setting", "continual")
+    if setting not in BENCHMARK_SETTINGS:
+        raise LlavaCError(
+            f"benchmark.setting={setting!r} is not a setting",
+            path=source,
+            fix=f"use one of: {', '.join(BENCHMARK_SETTINGS)}",
+        )
+    tasks = index.get(setting)
+    if not isinstance(tasks, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) for t in tasks
+    ):
+        raise LlavaCError(
+            f"{setting!r} is not a list of tasks with a `name` each",
+            path=index_file,
+            fix=f"rebuild the benchmark with `llava-c data synth --out {root}`",
+        )
+    chosen = chosen_tasks(tasks, bench, root) if not data.get("tasks") else []
+    try:
+        fill_from_benchmark(data, index, chosen, root)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise LlavaCError(
+            f"an entry is missing or has the wrong type ({type(exc).__name__}: {exc})",
+            path=index_file,
+            fix=f"rebuild the benchmark with `llava-c data synth --out {root}`",
+        ) from None
+
+
+def fill_from_benchmark(
+    data: dict[str, Any], index: dict[str, Any], tasks: list[dict], root: Path
+) -> None:
+    """Tasks, inquiry and general probe of the job from the benchmark's, where the job has none."""
     if not data.get("tasks"):
-        data["tasks"] = [
-            _benchmark_task(root, t) for t in chosen_tasks(index[setting], bench, root)
-        ]
+        data["tasks"] = [_benchmark_task(root, t) for t in tasks]
     if not data.get("inquiry") and index.get("inquiry"):
         data["inquiry"] = {"path": str(root / index["inquiry"]["path"])}
     probe = index.get("general_probe")
@@ -475,11 +545,39 @@ def expand_benchmark(data: dict[str, Any], source: str | Path) -> None:
         }
 
 
+BENCHMARK_SETTINGS = ("continual", "general")
+
+
+def read_benchmark_index(index_file: Path) -> dict[str, Any]:
+    """A benchmark's `benchmark.json`: a mapping of settings to task lists."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise LlavaCError(
+            f"not valid JSON ({exc})",
+            path=index_file,
+            fix=f"rebuild the benchmark with `llava-c data synth --out {index_file.parent}`",
+        ) from None
+    if not isinstance(index, dict):
+        raise LlavaCError(
+            f"expected a JSON object of settings, got {type(index).__name__}",
+            path=index_file,
+            fix=f"rebuild the benchmark with `llava-c data synth --out {index_file.parent}`",
+        )
+    return index
+
+
 def chosen_tasks(tasks: list[dict], bench: dict[str, Any], root: Path) -> list[dict]:
     """The benchmark's tasks named by `benchmark.tasks`, in that order (all when unset)."""
     names = bench.get("tasks")
     if names is None:
         return tasks
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        example = names if isinstance(names, str) else "name_a,name_b"
+        raise LlavaCError(
+            f"benchmark.tasks must be a list of task names, got {names!r}",
+            fix=f"write a YAML list, e.g. benchmark.tasks=[{example}]",
+        )
     by_name = {t["name"]: t for t in tasks}
     unknown = [n for n in names if n not in by_name]
     if unknown or not names:

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -111,3 +111,42 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def refuse_overlap(out: Path, inputs: Iterable[Path | None], fix: str) -> None:
+    """Raise when `out` is, holds or lies inside one of `inputs` (symlinks resolved): writing or
+    replacing it could destroy what the command reads."""
+    target = Path(out).resolve()
+    for source in filter(None, inputs):
+        resolved = Path(source).resolve()
+        if target.is_relative_to(resolved) or resolved.is_relative_to(target):
+            raise LlavaCError(
+                f"output overlaps the input {source}; writing there could destroy it",
+                path=out,
+                fix=fix,
+            )
+
+
+def refuse_replacing(
+    out: Path, overwrite: bool, ours: Callable[[Path], bool] | None = None, tool: str = ""
+) -> None:
+    """Refuse an `out` that is a file, or a non-empty directory unless `overwrite` is given and
+    `ours(out)` says `tool` wrote it: --overwrite never replaces an arbitrary folder. `ours` None:
+    the command has no --overwrite."""
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise LlavaCError("output exists and is a file", path=out, fix="choose a directory --out")
+    if not out.exists() or not any(out.iterdir()):
+        return  # absent, or an empty directory: nothing to lose
+    if not overwrite or ours is None:
+        raise LlavaCError(
+            "output directory exists and is not empty",
+            path=out,
+            fix="choose a new --out" + (" or pass --overwrite" if ours is not None else ""),
+        )
+    if not ours(out):
+        raise LlavaCError(
+            f"output directory was not written by {tool}, so --overwrite will not replace it",
+            path=out,
+            fix="choose a new --out, or remove the folder yourself",
+        )

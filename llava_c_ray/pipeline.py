@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_c_ray.config import JobConfig
+from llava_c_ray.data.records import read_records
+from llava_c_ray.data.validate import MAX_IMAGE_PIXELS, ValidationReport, validate_records
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.files import write_json_atomic
 from llava_c_ray.methods import BoundMethod, Stage, StageContext, TrainedStage, bind
@@ -99,10 +101,11 @@ def open_run(job: JobConfig, run_dir: Path | None, force_new: bool) -> RunDir:
 def run_job(job: JobConfig, run_dir: Path | None = None, *, force_new: bool = False) -> Results:
     """Run (or resume) the whole task sequence of `job`; returns the results written to results.json."""
     method = bind(job)
+    reports = check_job_data(job)  # every task's data, before anything is written or trained
     run = open_run(job, run_dir, force_new)
     initial = resolve_initial_model(job)
     ensure_ray()
-    pipe = Pipeline(job, method, run, initial)
+    pipe = Pipeline(apply_skipped(job, reports, run.path), method, run, initial)
     model = initial
     evaluate_step(pipe, Stage(0, "initial", ()), model)
     for stage in pipe.stages:
@@ -113,6 +116,80 @@ def run_job(job: JobConfig, run_dir: Path | None = None, *, force_new: bool = Fa
     draw_run_plots(pipe.run.path, results)
     pipe.run.sync()
     return results
+
+
+SKIP_HINT = "set data.on_error=skip to train on the rest"
+
+
+def check_job_data(
+    job: JobConfig, tasks: list[str] | None = None, *, evaluation: bool = True
+) -> dict[str, ValidationReport]:
+    """Validate the training files of `tasks` (default: all), the inquiry set and, with
+    `evaluation`, every val / test split and the general probe — records and image headers, as
+    `load_records` does — and raise one error listing every invalid record; with
+    `data.on_error=skip` invalid training records are not errors. Returns the training files'
+    reports by task name (a directory from `llava-c data prepare` was validated when written)."""
+    limit = job.data.max_image_pixels or MAX_IMAGE_PIXELS
+    chosen = [job.task(name) for name in tasks] if tasks is not None else job.tasks
+    train_reports: dict[str, ValidationReport] = {}
+    failed: list[tuple[str, ValidationReport]] = []
+
+    def check(key: str, path: Path, image_folder: Path | None, **kw) -> ValidationReport:
+        report = validate_records(read_records(path), path, image_folder, max_pixels=limit, **kw)
+        if report.problems:
+            failed.append((key, report))
+        return report
+
+    for task in chosen:
+        if not Path(task.train).is_dir():
+            train_reports[task.name] = check(f"{task.name} train", task.train, task.image_folder)
+    train_keys = {key for key, _ in failed}
+    if job.data.on_error == "skip":
+        failed.clear()  # only training files so far: their invalid records are skipped
+    if job.inquiry is not None:
+        check("inquiry", job.inquiry.path, None, require_answers=False)
+    if evaluation:
+        for task in chosen:
+            for split in ("val", "test"):
+                path = getattr(task, split)
+                if path is not None:
+                    check(f"{task.name} {split}", path, task.image_folder)
+        probe = job.general_probe
+        if probe is not None:
+            for key, path in (("general_probe", probe.path), ("general_probe val", probe.val)):
+                if path is not None:
+                    check(key, path, probe.image_folder)
+    if failed:
+        raise LlavaCError(
+            "invalid records in the job's data (nothing was trained):\n"
+            + "\n".join(f"{key}: {report.summary(limit=10)}" for key, report in failed),
+            fix=failed[0][1].fix(SKIP_HINT if any(k in train_keys for k, _ in failed) else None),
+        )
+    for name, report in train_reports.items():
+        if not report.records:
+            raise LlavaCError(
+                f"every training record of task {name!r} is invalid; nothing is left to train on",
+                path=report.file,
+                fix=f"correct the records (`llava-c data validate {report.file} --image-folder "
+                "DIR` lists them)",
+            )
+    return train_reports
+
+
+def apply_skipped(job: JobConfig, reports: dict[str, ValidationReport], out: Path) -> JobConfig:
+    """With `data.on_error=skip`: the skipped ids of each task go to OUT/skipped/<task>.json and a
+    task with skipped records trains on OUT/data/<task>.json, its valid records; the job returned
+    points at those files."""
+    if job.data.on_error != "skip":
+        return job
+    job = job.model_copy(deep=True)
+    for name, report in reports.items():
+        report.write_skipped(Path(out) / "skipped" / f"{name}.json")
+        if report.problems:
+            valid = Path(out) / "data" / f"{name}.json"
+            write_json_atomic(valid, [record.to_raw() for record in report.records])
+            job.task(name).train = valid
+    return job
 
 
 def resolve_initial_model(job: JobConfig) -> Path:
@@ -279,6 +356,9 @@ def consolidate_step(
 
     stage_dir = pipe.run.stage_dir(stage.dirname)
     out = stage_dir / "model"
+    shutil.rmtree(
+        out, ignore_errors=True
+    )  # a half-finished attempt; the manifest never recorded it
     started = time.time()
     consolidate_checkpoint(
         start_model,
@@ -287,7 +367,6 @@ def consolidate_step(
         method=rule.name,
         alpha=alpha,
         boundary=pipe.job.consolidation.boundary,
-        overwrite=True,
         factors_cache=stage_dir / "factors",
         progress=False,
     )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Ray keeps no more idle worker processes than the machine has CPUs and kills the rest after 1 s.
 # On a laptop the training workers alone fill that quota, so every epoch's Ray Data read tasks
@@ -15,8 +18,8 @@ def ensure_ray() -> None:
     """Initialise Ray once per process: connect to `RAY_ADDRESS` if set, else start Ray locally.
 
     `ray job submit` sets RAY_ADDRESS for its entrypoint; `RAY_ADDRESS=auto` joins a cluster
-    started on this machine with `ray start`. Without it Ray is started fresh (`address="local"`)
-    rather than joining whatever `ray start` cluster this machine last recorded.
+    started on this machine with `ray start`. Without it a Ray of its own is started
+    (`start_local_ray`), so two runs on one machine never share (or shut down) each other's.
     """
     import ray
 
@@ -25,5 +28,54 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        # A local run needs no dashboard; it costs start-up time on a laptop.
-        ray.init(address="local", include_dashboard=False, _system_config=LOCAL_SYSTEM_CONFIG)
+        start_local_ray()
+
+
+def start_local_ray() -> None:
+    """Start a local Ray whose processes know its address.
+
+    Ray's own processes look "the" cluster up when they call the State API without an address —
+    Ray Train's placement-group cleaner does, every second — first in RAY_ADDRESS, else by
+    scanning the machine for GCS processes, which fails with "Found multiple active Ray
+    instances" as soon as a second Ray runs here (another `llava-c run`, a `ray start`). So the
+    GCS port is chosen up front and RAY_ADDRESS names it in the environment the Ray processes
+    inherit when they are spawned; this process's environment is restored afterwards. The API
+    server gets a free port too: on the default 8265 a second Ray's calls reached the first
+    Ray's server, and the cleaner would have seen its controller as dead.
+    """
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    port = free_port()
+    address = f"{get_node_ip_address()}:{port}"
+    with environment(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port)):
+        # The dashboard process is the State API's server, which Ray Train's cleaner polls every
+        # second (without it the cleaner logs a warning each time); it listens on localhost only.
+        ray.init(
+            address="local",
+            include_dashboard=True,
+            dashboard_port=free_port(),
+            _system_config=LOCAL_SYSTEM_CONFIG,
+        )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block, then restore the previous values."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -30,11 +30,12 @@ from llava_c_ray.consolidate.plan import Item, plan_adapter, plan_tuned
 from llava_c_ray.consolidate.rules import RULES, get_rule
 from llava_c_ray.consolidate.spectral import BOUNDARIES
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.files import atomic_directory
+from llava_c_ray.files import atomic_directory, refuse_overlap, refuse_replacing
 from llava_c_ray.model.safetensors_io import INDEX_NAME, LazyCheckpoint, ShardWriter, dtype_bytes
 
 GROUP_ELEMENTS = 1 << 25  # tensors go to Ray tasks in groups of about this many elements
 SPECTRUM_KEEP = 32  # leading singular values kept in sac_stats.json for spectrum plots
+STATS_NAME = "sac_stats.json"  # what was consolidated and how; also marks the output as ours
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,26 @@ def check_request(request: Request, out: Path, overwrite: bool) -> None:
     if (request.tuned is None) == (request.adapter is None):
         raise LlavaCError("give exactly one of a tuned checkpoint or an adapter")
     if not (request.base / "config.json").is_file():
-        raise LlavaCError("base checkpoint not found (no config.json)", path=request.base)
-    if out.exists() and not overwrite:
         raise LlavaCError(
-            "output directory exists", path=out, fix="choose a new --out or pass --overwrite"
+            "base checkpoint not found (no config.json)",
+            path=request.base,
+            fix="pass a Hugging Face checkpoint directory as --base",
         )
+    refuse_overlap(
+        out,
+        [request.base, request.tuned, request.adapter],
+        fix="choose an --out outside --base / --tuned / --adapter, and not above them",
+    )
+    refuse_replacing(out, overwrite, is_consolidated, "`llava-c consolidate` (no sac_stats.json)")
+
+
+def is_consolidated(directory: Path) -> bool:
+    """Whether `directory` is a checkpoint `consolidate_checkpoint` wrote (it holds the stats)."""
+    try:
+        stats = json.loads((directory / STATS_NAME).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(stats, dict) and {"method", "alpha", "tensors"} <= set(stats)
 
 
 def plan(request: Request) -> list[Item]:
@@ -236,7 +252,7 @@ def consolidate_checkpoint(
         writer = ShardWriter(tmp, max_shard_bytes)
         stats = write_consolidated(request, items, writer, num_cpus, progress)
         copy_side_files(request.base, tmp)
-        (tmp / "sac_stats.json").write_text(json.dumps(stats_summary(request, stats), indent=1))
+        (tmp / STATS_NAME).write_text(json.dumps(stats_summary(request, stats), indent=1))
     return ConsolidationResult(out, stats, time.perf_counter() - started)
 
 

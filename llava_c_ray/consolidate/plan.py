@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.model.safetensors_io import LazyCheckpoint
 
@@ -64,7 +66,23 @@ def plan_tuned(base: LazyCheckpoint, tuned: LazyCheckpoint) -> list[Item]:
             path=tuned.root,
             fix="save both checkpoints with the same architecture and dtype",
         )
+    check_finite(tuned, tuned.keys())
     return [Item(name, "tuned") for name in base.keys()]
+
+
+def check_finite(checkpoint: LazyCheckpoint, names) -> None:
+    """Every float tensor in `names` must be finite: a NaN or Inf (a diverged training) would
+    otherwise surface inside a Ray task, after the output was started."""
+    for name in names:
+        tensor = checkpoint.get(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise LlavaCError(
+                f"tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf)",
+                path=checkpoint.root / checkpoint.weight_map[name],
+                fix="the training that wrote it diverged: use an earlier checkpoint, or retrain "
+                "(e.g. with a lower training.lr)",
+            )
 
 
 def adapter_scale(config: dict) -> float:
@@ -72,14 +90,28 @@ def adapter_scale(config: dict) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def plan_adapter(base: LazyCheckpoint, adapter_dir: Path) -> tuple[list[Item], LazyCheckpoint]:
-    """Items for the base tensors an adapter changes (LoRA pairs and full replacements)."""
-    config_file = Path(adapter_dir) / "adapter_config.json"
-    if not config_file.is_file():
+def read_adapter_config(config_file: Path) -> dict:
+    """A peft `adapter_config.json` of a plain LoRA adapter (one r and lora_alpha)."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise LlavaCError(
-            "no adapter_config.json", path=adapter_dir, fix="pass a peft LoRA adapter directory"
+            f"not valid JSON ({exc})",
+            path=config_file,
+            fix="re-save the adapter with peft (`save_pretrained`)",
+        ) from None
+    numbers = isinstance(config, dict) and all(
+        isinstance(config.get(k), int | float)
+        and not isinstance(config.get(k), bool)
+        and config[k] > 0
+        for k in ("r", "lora_alpha")
+    )
+    if not numbers:
+        raise LlavaCError(
+            "expected a JSON object with positive numbers `r` and `lora_alpha`",
+            path=config_file,
+            fix="re-save the adapter with peft (`save_pretrained`)",
         )
-    config = json.loads(config_file.read_text())
     if (
         config.get("peft_type") != "LORA"
         or config.get("rank_pattern")
@@ -90,6 +122,17 @@ def plan_adapter(base: LazyCheckpoint, adapter_dir: Path) -> tuple[list[Item], L
             path=config_file,
             fix="consolidate the merged model with --tuned instead",
         )
+    return config
+
+
+def plan_adapter(base: LazyCheckpoint, adapter_dir: Path) -> tuple[list[Item], LazyCheckpoint]:
+    """Items for the base tensors an adapter changes (LoRA pairs and full replacements)."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise LlavaCError(
+            "no adapter_config.json", path=adapter_dir, fix="pass a peft LoRA adapter directory"
+        )
+    config = read_adapter_config(config_file)
     adapter = LazyCheckpoint(Path(adapter_dir), "adapter_model.safetensors")
     by_canonical = {canonical(name): name for name in base.keys()}
     items, scale = {}, adapter_scale(config)
@@ -112,6 +155,7 @@ def plan_adapter(base: LazyCheckpoint, adapter_dir: Path) -> tuple[list[Item], L
             target = _base_name(by_canonical, path, key, adapter_dir)
             items[target] = Item(target, "replace", source_key=key)
     check_adapter_shapes(base, adapter, items.values())
+    check_finite(adapter, adapter.keys())
     return list(items.values()), adapter
 
 

@@ -60,7 +60,11 @@ def read_records(path: Path) -> list[Any]:
     except FileNotFoundError:
         raise LlavaCError("data file not found", path=path, fix="check the path") from None
     except IsADirectoryError:
-        raise LlavaCError("expected a JSON/JSONL file, got a directory", path=path) from None
+        raise LlavaCError(
+            "expected a JSON/JSONL file, got a directory",
+            path=path,
+            fix="pass the data file inside it (a prepared shard directory is read by a job only)",
+        ) from None
     except UnicodeDecodeError as exc:
         raise LlavaCError(
             f"not UTF-8 (byte {exc.start})", path=path, fix="re-encode the file as UTF-8"
@@ -80,7 +84,9 @@ def _read_json(text: str, path: Path) -> list[Any]:
         if not text.lstrip().startswith("["):
             return _read_jsonl(text, path)  # several JSON objects, one per line
         raise LlavaCError(
-            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", path=path
+            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+            path=path,
+            fix="repair the JSON there (a list [...] of records, or one record per line)",
         ) from None
     if not isinstance(data, list):
         raise LlavaCError(
@@ -99,7 +105,11 @@ def _read_jsonl(text: str, path: Path) -> list[Any]:
         try:
             entries.append(_parse(line, path))
         except json.JSONDecodeError as exc:
-            raise LlavaCError(f"invalid JSON on line {number}: {exc.msg}", path=path) from None
+            raise LlavaCError(
+                f"invalid JSON on line {number}: {exc.msg}",
+                path=path,
+                fix="repair that line (JSONL holds one record object per line)",
+            ) from None
     return entries
 
 
@@ -124,10 +134,12 @@ def load_records(
     require_answers: bool = True,
     check_images: bool = True,
     max_pixels: int | None = None,
+    skip_hint: str | None = None,
 ) -> list[Record]:
     """Read and validate a data file. `strict` raises one error listing every problem;
     `skip` drops bad records and writes their ids and reasons to `skipped_out` (if given).
-    `max_pixels` overrides the image pixel limit (`validate.MAX_IMAGE_PIXELS`)."""
+    `max_pixels` overrides the image pixel limit (`validate.MAX_IMAGE_PIXELS`); `skip_hint` is
+    the caller's way to choose `skip` (e.g. "pass --mode skip"), offered in the strict error."""
     from llava_c_ray.data.validate import MAX_IMAGE_PIXELS, validate_records
 
     report = validate_records(
@@ -139,7 +151,7 @@ def load_records(
         max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
     )
     if report.problems and mode == "strict":
-        raise LlavaCError(report.summary(), path=path, fix=report.fix())
+        raise LlavaCError(report.summary(), path=path, fix=report.fix(skip_hint))
     if skipped_out is not None:
         report.write_skipped(skipped_out)
     return report.records

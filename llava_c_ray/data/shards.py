@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from llava_c_ray.data.records import Record, load_records
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.files import atomic_directory
+from llava_c_ray.files import atomic_directory, refuse_overlap, refuse_replacing
 
 SCHEMA_VERSION = 1
 SCHEMA = pa.schema(
@@ -41,6 +41,7 @@ def prepare_shards(
     mode: str = "strict",
     overwrite: bool = False,
     max_pixels: int | None = None,
+    skip_hint: str | None = None,
 ) -> Path:
     """Validate `path` and write its records (with image bytes) as Parquet shards into `out`.
 
@@ -50,10 +51,21 @@ def prepare_shards(
     skipped = out.with_name(f"{out.name}.skipped.json") if mode == "skip" else None
     inputs = [Path(path), *([Path(image_folder)] if image_folder else [])]
     for target in [out, *([skipped] if skipped else [])]:
-        refuse_overlap(target, inputs)
-    check_out(out, overwrite)
+        refuse_overlap(
+            target,
+            inputs,
+            fix="choose an --out outside the data file and the image folder, not above them",
+        )
+    refuse_replacing(
+        out, overwrite, is_shard_directory, "`llava-c data prepare` (no shard manifest)"
+    )
     records = load_records(
-        path, image_folder, mode=mode, skipped_out=skipped, max_pixels=max_pixels
+        path,
+        image_folder,
+        mode=mode,
+        skipped_out=skipped,
+        max_pixels=max_pixels,
+        skip_hint=skip_hint,
     )
     if not records:
         raise LlavaCError(
@@ -80,39 +92,6 @@ def prepare_shards(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
-
-
-def refuse_overlap(target: Path, inputs: list[Path]) -> None:
-    """Raise when `target` is, holds or lies inside one of `inputs` (symlinks resolved)."""
-    resolved = target.resolve()
-    for source in inputs:
-        if resolved.is_relative_to(source.resolve()) or source.resolve().is_relative_to(resolved):
-            raise LlavaCError(
-                f"output overlaps the input {source}; writing there could destroy it",
-                path=target,
-                fix="choose an --out outside the data file and the image folder, not above them",
-            )
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an `out` that is a file, or a non-empty folder unless `overwrite` and ours."""
-    if out.is_file():
-        raise LlavaCError("output exists and is a file", path=out, fix="choose a directory --out")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise LlavaCError(
-            "output directory exists and is not empty",
-            path=out,
-            fix="choose a new --out or pass --overwrite",
-        )
-    if not is_shard_directory(out):
-        raise LlavaCError(
-            "output directory was not written by `llava-c data prepare` (no shard manifest), "
-            "so --overwrite will not replace it",
-            path=out,
-            fix="choose a new --out, or remove the folder yourself",
-        )
 
 
 def is_shard_directory(directory: Path) -> bool:

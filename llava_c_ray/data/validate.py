@@ -47,8 +47,15 @@ class ValidationReport:
             lines.append(f"  ... and {len(self.problems) - limit} more")
         return "\n".join(lines)
 
-    def fix(self) -> str:
-        return "correct these records, or use mode `skip` to drop them (their ids are written out)"
+    def fix(self, skip_hint: str | None = None) -> str:
+        """What to do about the problems; `skip_hint` names the caller's way to drop bad records
+        (e.g. "pass --mode skip"), when it has one."""
+        fix = "correct these records"
+        if any(p.kind == "oversized_image" for p in self.problems):
+            fix += " (downscale oversized images, or raise the pixel limit)"
+        if skip_hint:
+            fix += f", or {skip_hint} to drop them (their ids are written out)"
+        return fix
 
     def write_skipped(self, path: Path) -> None:
         skipped = [
@@ -199,5 +206,6 @@ def image_path(image: str, image_folder: Path) -> Path | None:
 def oversized(path: Path, width: int, height: int, max_pixels: int) -> str:
     return (
         f"image {path} is {width}×{height} = {width * height:,} pixels, over the limit of "
-        f"{max_pixels:,}; downscale it, or raise the pixel limit (`max_pixels`)"
+        f"{max_pixels:,}; downscale it, or raise the pixel limit (`data.max_image_pixels` in a "
+        "job, --max-image-pixels on the command line)"
     )

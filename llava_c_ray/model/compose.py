@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.files import atomic_directory
+from llava_c_ray.files import atomic_directory, refuse_overlap, refuse_replacing
 
 IMAGE_TOKEN = "<image>"
 # LLaVA-1.5: features of the second-to-last CLIP layer, CLS dropped ("default"), 2-layer GELU MLP.
@@ -26,6 +26,7 @@ VISION_FEATURE_LAYER = -2
 PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
 VISION_MODEL_TYPES = ("clip", "clip_vision_model")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+COMPOSED_FROM = "composed_from.json"  # the parts of a composed checkpoint; marks it as ours
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -97,7 +98,12 @@ def compose_llava(
             path=vision_tower,
             fix="pass a CLIP checkpoint, e.g. openai/clip-vit-large-patch14-336",
         )
-    _check_out(out, overwrite)
+    refuse_overlap(
+        out,
+        [language_model, vision_tower, projector],
+        fix="choose an --out outside --language-model / --vision-tower / --projector",
+    )
+    refuse_replacing(out, overwrite, is_composed, "`llava-c model compose` (no composed_from.json)")
     projector_weights = load_projector(projector)
     # Configs, shapes, tokenizer and processor first: a bad part fails before gigabytes are loaded.
     text_hidden = AutoConfig.from_pretrained(language_model).hidden_size
@@ -118,7 +124,7 @@ def compose_llava(
     with atomic_directory(out, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size="2GB")
         processor.save_pretrained(tmp)
-        (tmp / "composed_from.json").write_text(
+        (tmp / COMPOSED_FROM).write_text(
             json.dumps(
                 {
                     "language_model": str(language_model.absolute()),
@@ -247,12 +253,9 @@ def _load(model_class: Any, directory: Path, dtype: Any, role: str) -> Any:
         ) from None
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LlavaCError(
-            "output directory exists and is not empty", path=out, fix="pass --overwrite"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
+def is_composed(directory: Path) -> bool:
+    """Whether `directory` is a checkpoint `compose_llava` wrote (it records its parts)."""
+    return (directory / COMPOSED_FROM).is_file()
 
 
 def _torch_dtype(dtype: str, language_model: Path) -> Any:

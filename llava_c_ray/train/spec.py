@@ -51,6 +51,8 @@ class StageSpec:
     cpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     storage_path: Path | None = None
+    max_image_pixels: int | None = None
+    """Image pixel limit of the training records (None = the data layer's)."""
     progress: bool = True
     """Draw a progress bar on the driver (tqdm hides it when stderr is not a terminal)."""
 
@@ -95,6 +97,7 @@ class StageSpec:
             use_gpu=job.cluster.use_gpu,
             cpus_per_worker=job.cluster.cpus_per_worker,
             resources_per_worker=dict(job.cluster.resources_per_worker),
+            max_image_pixels=job.data.max_image_pixels,
         )
 
     @property

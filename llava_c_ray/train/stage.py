@@ -58,19 +58,26 @@ def prepare_data(spec: StageSpec) -> StageData:
     JSON/JSONL file written under `out/shards/` (reused while the file is unchanged)."""
     directories, instructions, records = [], {}, 0
     for i, source in enumerate(spec.train_files):
-        directory = shard_directory(source, spec.out / SHARDS / f"{i:02d}")
+        directory = shard_directory(source, spec.out / SHARDS / f"{i:02d}", spec.max_image_pixels)
         directories.append(directory)
         instructions[str(directory)] = source.instruction
         records += read_manifest(directory)["records"]
     return StageData(tuple(directories), instructions, records)
 
 
-def shard_directory(source: TrainFile, cache: Path) -> Path:
+def shard_directory(source: TrainFile, cache: Path, max_pixels: int | None = None) -> Path:
     path = Path(source.path).absolute()
     if path.is_dir():
         return path
     if not is_current(cache, path):
-        prepare_shards(path, source.image_folder, cache, records_per_shard=128, overwrite=True)
+        prepare_shards(
+            path,
+            source.image_folder,
+            cache,
+            records_per_shard=128,
+            overwrite=True,
+            max_pixels=max_pixels,
+        )
     return cache.absolute()
 
 

@@ -132,6 +132,7 @@ def test_bad_inputs_fail_before_writing(ray_cluster, tiny_checkpoint, tuned_pair
     with pytest.raises(LlavaCError, match="alpha"):
         consolidate_checkpoint(tiny_checkpoint, tmp_path / "x", adapter=adapter, alpha=1.5)
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "notes.txt").write_text("not ours")
     with pytest.raises(LlavaCError, match="exists"):
         consolidate_checkpoint(tiny_checkpoint, tmp_path / "exists", adapter=adapter)
     truncated = tmp_path / "truncated"
