@@ -6,7 +6,7 @@ then the literature's baselines.
 
 # ruff: noqa: I001, F401
 from llava_c_ray.methods import finetune, joint, modelmix, sac, uir, llava_c
-from llava_c_ray.methods import replay, fkl, lwf, ewc, olora, llaca, moelora, hide
+from llava_c_ray.methods import replay, fkl, lwf, ewc, olora, llaca, moelora, hide, continual_llava
 from llava_c_ray.methods.base import (
     METHODS,
     BoundMethod,

@@ -36,7 +36,9 @@ from llava_c_ray.train.spec import TrainFile
 class Params(BaseModel):
     """Base of every method's parameters: unknown keys are errors, values are checked."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False
+    )
 
 
 @dataclass(frozen=True)
