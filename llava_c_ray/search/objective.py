@@ -30,7 +30,9 @@ def objective(means: Mapping[str, float | None], weights: Mapping[str, float]) -
     if not present:
         raise ValueError("no group with a positive objective weight has tasks to score")
     total = sum(weights[g] for g in present)
-    return sum(weights[g] * means[g] for g in present) / total
+    return sum(
+        weights[g] / total * means[g] for g in present
+    )  # normalised first: tiny weights stay exact
 
 
 def subset_rungs(size: int, asha: bool) -> list[int]:
