@@ -189,4 +189,4 @@ def test_driver_killed_mid_run_resumes(
     final = json.loads(manifest.read_text())
     assert final["stages"][:3] == finished_before
     matrix = json.loads((run_dir / "results.json").read_text())["accuracy_matrix"]
-    assert matrix == finished[2]["accuracy_matrix"]
+    assert matrix == finished[2].accuracy_matrix
