@@ -113,6 +113,7 @@ from llava_c_ray.methods.base import (
     TrainingParts,
     register,
 )
+from llava_c_ray.methods.wrapping import unwrapped, wrap_linears
 from llava_c_ray.train.hooks import ModelSetup
 
 SIDECAR = "continual_llava.safetensors"
@@ -437,10 +438,12 @@ def attach_pool(
 ) -> IncrementPool:
     """Wrap every `o_proj` of `model`, add the pool module and the selecting pre-hook (all zero)."""
     mix = RowMix()
-    modules = dict(model.named_modules())
-    for name in target_names(model):
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent], child, PooledIncrementLinear(modules[name], shape, mix))
+    wrap_linears(
+        model,
+        target_names(model),
+        lambda base: PooledIncrementLinear(base, shape, mix),
+        "continual_llava",
+    )
     pool = IncrementPool(shape, mix).to(next(model.parameters()).device)
     model.add_module(POOL_MODULE, pool)
     model.register_forward_pre_hook(InstructionSelector(pool, tokenizer, encoder), with_kwargs=True)
@@ -518,19 +521,11 @@ def plain_model(model: nn.Module) -> Iterator[nn.Module]:
     """`model` with every wrapped `o_proj` swapped back for its frozen linear and the pool module
     removed (a standard HF model)."""
     layers = pooled_layers(model)
-    modules = dict(model.named_modules())
     pool = model._modules.pop(POOL_MODULE)
-
-    def put(use_base: bool) -> None:
-        for name, layer in layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent], child, layer.base if use_base else layer)
-
-    put(True)
     try:
-        yield model
+        with unwrapped(model, layers):
+            yield model
     finally:
-        put(False)
         model.add_module(POOL_MODULE, pool)
 
 

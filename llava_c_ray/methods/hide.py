@@ -77,6 +77,7 @@ from llava_c_ray.methods.hide_rule import (
     similarities,
 )
 from llava_c_ray.methods.moelora import PROJECTOR, target_linears
+from llava_c_ray.methods.wrapping import unwrapped, wrap_linears
 from llava_c_ray.model.keys import parameter_names
 from llava_c_ray.model.safetensors_io import LazyCheckpoint
 from llava_c_ray.model.tiny_clip import ensure_tiny_clip
@@ -135,23 +136,11 @@ def expanded_linears(model: nn.Module, names: list[str], layers: tuple[int, ...]
     return [n for n in names if (m := LAYER_INDEX.search(n)) and int(m.group(1)) in picked]
 
 
-def wrap_linears(
+def wrap_hide(
     model: nn.Module, names: list[str], scale: float, dropout: float = 0.0
 ) -> dict[str, HiDeLinear]:
     """Replace each named nn.Linear of `model` by a HiDeLinear around it (no experts yet)."""
-    modules = dict(model.named_modules())
-    wrapped = {}
-    for name in names:
-        base = modules.get(name)
-        if not isinstance(base, nn.Linear):
-            raise LlavaCError(
-                f"HiDe experts for {name!r}, which is not a linear layer of this model",
-                fix="load the experts onto the base model they were trained with",
-            )
-        parent, _, child = name.rpartition(".")
-        wrapped[name] = HiDeLinear(base, scale, dropout)
-        setattr(modules[parent], child, wrapped[name])
-    return wrapped
+    return wrap_linears(model, names, lambda base: HiDeLinear(base, scale, dropout), "HiDe")
 
 
 @contextlib.contextmanager
@@ -159,25 +148,20 @@ def folded(model: nn.Module, expanded: list[str], fusion: Fusion) -> Iterator[nn
     """`model` as a standard HF model: every HiDeLinear swapped back for its linear, the lower
     ones' W replaced by W + s·ΔW (the expanded ones keep W); restored exactly afterwards."""
     layers = hide_layers(model)
-    modules = dict(model.named_modules())
     kept = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent], child, layer.base)
             if name not in expanded and layer.experts:
                 layer.fusion = fusion
                 w = layer.base.weight
                 kept[name] = w.data
                 w.data = (w.data.float() + layer.scale * layer.fused_change()).to(w.dtype)
     try:
-        yield model
+        with unwrapped(model, layers):
+            yield model
     finally:
-        for name, layer in layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent], child, layer)
-            if name in kept:
-                layer.base.weight.data = kept[name]
+        for name, w in kept.items():
+            layers[name].base.weight.data = w
 
 
 def write_experts(model: nn.Module, out: Path, config: ExpertsConfig) -> None:
@@ -209,7 +193,7 @@ def attach_experts(
 ) -> dict[str, HiDeLinear]:
     """Wrap the linears `names` of `model` and give them the experts saved in `model_dir`."""
     config = saved_config(model_dir)
-    layers = wrap_linears(model, names, config.scale, dropout)
+    layers = wrap_hide(model, names, config.scale, dropout)
     with safe_open(str(Path(model_dir) / SIDECAR), framework="pt") as saved:
         keys = set(saved.keys())
         for name, layer in layers.items():
@@ -256,7 +240,7 @@ class HiDeSetup(ModelSetup):
         targets = target_linears(model, training)
         self.expanded = expanded_linears(model, targets, self.expand_layers)
         if self.previous is None:
-            layers = wrap_linears(model, targets, self.scale, training.lora_dropout)
+            layers = wrap_hide(model, targets, self.scale, training.lora_dropout)
         else:
             self.check_previous(targets)
             load_projector(model, self.previous)

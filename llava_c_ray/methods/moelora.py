@@ -32,11 +32,9 @@ rebuilds the routed model. No `adapter/`: consolidation and the α search do not
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from llava_c_ray.errors import LlavaCError
 from llava_c_ray.evaluate.evaluator import load_hf_model
 from llava_c_ray.files import write_json_atomic
 from llava_c_ray.methods.base import Method, Params, StageContext, TrainingParts, register
+from llava_c_ray.methods.wrapping import unwrapped, wrap_linears
 from llava_c_ray.model.keys import language_model_linears
 from llava_c_ray.train.hooks import ModelSetup
 
@@ -138,41 +137,16 @@ def target_linears(model: nn.Module, t: TrainingConfig) -> list[str]:
     return names
 
 
-def wrap_linears(
+def wrap_moelora(
     model: nn.Module, names: list[str], shape: ExpertShape, dropout: float = 0.0
 ) -> dict[str, MoELoRALinear]:
     """Replace each named nn.Linear of `model` by a MoELoRALinear around it (experts all zero)."""
-    modules = dict(model.named_modules())
-    wrapped = {}
-    for name in names:
-        base = modules.get(name)
-        if not isinstance(base, nn.Linear):
-            raise LlavaCError(
-                f"MoELoRA experts for {name!r}, which is not a linear layer of this model",
-                fix="load the experts onto the base model they were trained with",
-            )
-        parent, _, child = name.rpartition(".")
-        wrapped[name] = MoELoRALinear(base, shape, dropout)
-        setattr(modules[parent], child, wrapped[name])
-    return wrapped
+    return wrap_linears(model, names, lambda base: MoELoRALinear(base, shape, dropout), "MoELoRA")
 
 
-@contextlib.contextmanager
-def base_linears(model: nn.Module) -> Iterator[nn.Module]:
+def base_linears(model: nn.Module):
     """`model` with every MoELoRALinear swapped back for its frozen linear (a standard HF model)."""
-    layers = routed_layers(model)
-    modules = dict(model.named_modules())
-
-    def put(use_base: bool) -> None:
-        for name, layer in layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent], child, layer.base if use_base else layer)
-
-    put(True)
-    try:
-        yield model
-    finally:
-        put(False)
+    return unwrapped(model, routed_layers(model))
 
 
 def write_experts(model: nn.Module, out: Path) -> None:
@@ -210,7 +184,7 @@ def attach_experts(
     shape = saved_shape(model_dir)
     tensors = load_file(str(model_dir / SIDECAR))
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    layers = wrap_linears(model, names, shape, dropout)
+    layers = wrap_moelora(model, names, shape, dropout)
     with torch.no_grad():
         for name, layer in layers.items():
             for key in EXPERT_TENSORS:
@@ -246,7 +220,7 @@ class MoELoRASetup(ModelSetup):
         shape = ExpertShape.from_training(self.experts, training)
         targets = target_linears(model, training)
         if self.carried is None:
-            layers = wrap_linears(model, targets, shape, training.lora_dropout)
+            layers = wrap_moelora(model, targets, shape, training.lora_dropout)
             generator = torch.Generator().manual_seed(training.seed)
             for layer in layers.values():
                 layer.reset_experts(generator)
