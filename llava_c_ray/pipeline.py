@@ -384,9 +384,11 @@ def consolidate_step(
 
 
 def evaluate_step(pipe: Pipeline, stage: Stage, model: Path) -> None:
+    """Score every task and the probe on the stage's model, loaded the method's way (stage 0, the
+    job's initial model, is a plain Hugging Face checkpoint whatever the method)."""
     if pipe.run.stage(stage.index).steps.evaluate:
         return
-    from llava_c_ray.evaluate.evaluator import evaluate_checkpoint
+    from llava_c_ray.evaluate.evaluator import evaluate_checkpoint, load_hf_model
 
     started = time.time()
     tasks = eval_tasks(pipe, stage)
@@ -401,7 +403,7 @@ def evaluate_step(pipe: Pipeline, stage: Stage, model: Path) -> None:
         template=pipe.job.model.template,
         out=out,
         use_gpu=pipe.job.cluster.use_gpu,
-        loader=pipe.method.method.load_model,
+        loader=pipe.method.method.load_model if stage.index else load_hf_model,
     )
     scores = dict(result.scores)
     general = scores.pop(GENERAL, None)
