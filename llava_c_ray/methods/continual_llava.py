@@ -384,6 +384,15 @@ class QueryEncoder:
         return torch.stack([self.cache[text] for text in texts])
 
 
+def is_decoding_step(ids: torch.Tensor | None, mask: torch.Tensor | None, kwargs: dict) -> bool:
+    """A cached generation step: fewer new ids than the attention mask covers (transformers 5's
+    generate does not always hand the cache to the model's forward as `past_key_values`)."""
+    past = kwargs.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length():
+        return True
+    return ids is not None and mask is not None and ids.shape[1] < mask.shape[1]
+
+
 class InstructionSelector:
     """Forward pre-hook on the LLaVA model: decode each row's first user turn from `input_ids`,
     embed it and let the pool set the rows' coefficients. A generation step with a filled cache
@@ -401,10 +410,8 @@ class InstructionSelector:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
-        mix = self.pool.mix
-        cached = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length()
-        if cached and mix.coefficients is not None:
+        mask = kwargs.get("attention_mask")
+        if self.pool.mix.coefficients is not None and is_decoding_step(ids, mask, kwargs):
             return
         if ids is None:
             raise LlavaCError(
@@ -412,7 +419,7 @@ class InstructionSelector:
                 "and this forward has none (inputs_embeds only)",
                 fix="call the model with input_ids",
             )
-        self.pool(self.encoder(self.instructions(ids, kwargs.get("attention_mask"))))
+        self.pool(self.encoder(self.instructions(ids, mask)))
 
 
 # ---------------------------------------------------------------- building, saving, loading

@@ -368,3 +368,26 @@ def test_a_restarted_worker_gets_the_pool_back(stage_one, tiny_checkpoint, tmp_p
     moved = {n: p for n, p in trained.named_parameters() if "lora_B" in n}
     assert moved and all(torch.equal(params[n], p) for n, p in moved.items())
     assert torch.equal(pool_of(restarted).memory, pool_of(trained).memory)
+
+
+def test_batched_generation_keeps_each_prompts_selection(
+    stage_one, tiny_checkpoint: Path, tiny_benchmark: Path, tmp_path: Path
+) -> None:
+    """Greedy generation over several steps of a batch of prompts equals each prompt generated
+    alone (the decoding steps keep the prompt's selection;
+    found by `llava-c demo --methods continual_llava`: a decoding step was read as a new prompt)."""
+    ctx, parts, _ = stage_one
+    model = randomize(parts.setup(base_model(tiny_checkpoint), TRAINING), 0, seed=3)
+    saved = save_stage(parts.setup, model, tmp_path / "final", tiny_checkpoint)
+    loaded = load_continual_llava_model(str(saved), torch.float32).eval()
+    recs = records(tiny_benchmark, "attributes", 3)
+    rows = eval_rows(tiny_checkpoint, tiny_benchmark, recs)
+    with torch.no_grad():
+        together = loaded.generate(**rows, max_new_tokens=4, do_sample=False)[:, -4:]
+        alone = [
+            loaded.generate(
+                **eval_rows(tiny_checkpoint, tiny_benchmark, [r]), max_new_tokens=4, do_sample=False
+            )[0, -4:]
+            for r in recs
+        ]
+    assert torch.equal(together, torch.stack(alone))
