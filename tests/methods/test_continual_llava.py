@@ -370,24 +370,26 @@ def test_a_restarted_worker_gets_the_pool_back(stage_one, tiny_checkpoint, tmp_p
     assert torch.equal(pool_of(restarted).memory, pool_of(trained).memory)
 
 
-def test_batched_generation_keeps_each_prompts_selection(
+def test_the_evaluator_generates_several_tokens_per_prompt(
     stage_one, tiny_checkpoint: Path, tiny_benchmark: Path, tmp_path: Path
 ) -> None:
-    """Greedy generation over several steps of a batch of prompts equals each prompt generated
-    alone (the decoding steps keep the prompt's selection;
-    found by `llava-c demo --methods continual_llava`: a decoding step was read as a new prompt)."""
+    """The evaluator's actor answers left-padded text-only and image prompts over several greedy
+    steps, and the decoding steps keep the prompt's selection (found by `llava-c demo --methods
+    continual_llava`: a decoding step was read as a new prompt and failed)."""
+    from llava_c_ray.evaluate.evaluator import EvalActor, EvalTask, task_queries
+
     ctx, parts, _ = stage_one
     model = randomize(parts.setup(base_model(tiny_checkpoint), TRAINING), 0, seed=3)
     saved = save_stage(parts.setup, model, tmp_path / "final", tiny_checkpoint)
-    loaded = load_continual_llava_model(str(saved), torch.float32).eval()
-    recs = records(tiny_benchmark, "attributes", 3)
-    rows = eval_rows(tiny_checkpoint, tiny_benchmark, recs)
-    with torch.no_grad():
-        together = loaded.generate(**rows, max_new_tokens=4, do_sample=False)[:, -4:]
-        alone = [
-            loaded.generate(
-                **eval_rows(tiny_checkpoint, tiny_benchmark, [r]), max_new_tokens=4, do_sample=False
-            )[0, -4:]
-            for r in recs
-        ]
-    assert torch.equal(together, torch.stack(alone))
+    actor = EvalActor(str(saved), "vicuna_v1", load_continual_llava_model)
+    probe, task = ctx.job.general_probe, ctx.job.tasks[1]
+    for queries in (
+        task_queries(EvalTask("probe", probe.path, probe.image_folder, "f1"), 4),
+        task_queries(EvalTask(task.name, task.test, task.image_folder, "exact"), 3),
+    ):
+        answers = actor.answer(queries, 6)
+        prompt_selection = pool_of(actor.model).last.indices.clone()
+        assert len(answers) == len(queries)
+        actor.model(**encode_prompts([q.question for q in queries], actor.processor, None))
+        if queries[0].image is None:
+            assert torch.equal(pool_of(actor.model).last.indices, prompt_selection)
