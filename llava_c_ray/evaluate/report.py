@@ -68,13 +68,14 @@ def run_report(results: Results) -> str:
 
 def comparison_table(runs: list[Results]) -> str:
     """One row per run: the method and its metrics."""
-    header = f"{'method':<12}" + "".join(f"{m:>18}" for m in METRICS)
+    width = max(12, *(len(r.method) + 2 for r in runs))
+    header = f"{'method':<{width}}" + "".join(f"{m:>18}" for m in METRICS)
     lines = [header]
     for results in runs:
         metrics = results.metrics
         digits = {"general_retention": 3}
         lines.append(
-            f"{results.method:<12}"
+            f"{results.method:<{width}}"
             + "".join(f"{fmt(metrics.get(m), digits.get(m, 1)):>18}" for m in METRICS)
         )
     return "\n".join(lines)
