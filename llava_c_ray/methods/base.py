@@ -139,6 +139,9 @@ class Method:
     plan: Callable[[Sequence[str]], list[Stage]] = one_stage_per_task
     training: Callable[[StageContext], TrainingParts] = plain_training
     consolidation: str = "none"
+    consolidable: bool = True
+    """False when the stage model is routed at inference (no merged weights to consolidate): a
+    consolidating `consolidation.method` is then refused at load time."""
     after_training: Callable[[StageContext, TrainedStage], None] | None = None
     load_model: ModelLoader = load_hf_model
 
@@ -208,4 +211,10 @@ def bind(job: JobConfig) -> BoundMethod:
     method = get_method(job.method.name)
     params = method.parse_params(job.method.params)
     rule = get_rule(job.consolidation.method or method.consolidation)
+    if rule.consolidates and not method.consolidable:
+        raise LlavaCError(
+            f"method {method.name!r} routes its stage model at inference and has no merged "
+            f"weights to consolidate (consolidation.method = {rule.name!r})",
+            fix=f"remove consolidation.method ({method.name} uses `{method.consolidation}`)",
+        )
     return BoundMethod(method, params, rule)

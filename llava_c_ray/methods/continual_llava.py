@@ -774,12 +774,6 @@ def continual_llava_training(ctx: StageContext) -> TrainingParts:
             "continual_llava keeps the LVLM frozen and trains its increment pool",
             fix="set training.full_finetune=false",
         )
-    if ctx.job.consolidation.method not in (None, "none"):
-        raise LlavaCError(
-            f"continual_llava's stage model selects increments per instruction and has no adapter "
-            f"to consolidate (consolidation.method = {ctx.job.consolidation.method!r})",
-            fix="remove consolidation.method (continual_llava uses `none`)",
-        )
     if params.top_m > params.slots_per_task:
         raise LlavaCError(
             f"method.params.top_m = {params.top_m} exceeds method.params.slots_per_task = "
@@ -851,6 +845,7 @@ METHOD = register(
         params=ContinualLLaVAParams,
         training=continual_llava_training,
         consolidation="none",
+        consolidable=False,
         after_training=keep_stage_state,
         load_model=load_continual_llava_model,
     )

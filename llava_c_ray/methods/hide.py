@@ -411,12 +411,6 @@ def hide_training(ctx: StageContext) -> TrainingParts:
         raise LlavaCError(
             "hide trains LoRA experts, not the whole model", fix="set training.full_finetune=false"
         )
-    if ctx.job.consolidation.method not in (None, "none"):
-        raise LlavaCError(
-            f"hide's stage model is routed per row and has no adapter to consolidate "
-            f"(consolidation.method = {ctx.job.consolidation.method!r})",
-            fix="remove consolidation.method (hide uses `none`)",
-        )
     if not (ctx.start_model / SIDECAR).is_file():
         if ctx.stage.index > 1:
             raise LlavaCError(
@@ -489,6 +483,7 @@ METHOD = register(
         params=HiDeParams,
         training=hide_training,
         consolidation="none",
+        consolidable=False,
         after_training=hide_after_training,
         load_model=load_hide_model,
     )

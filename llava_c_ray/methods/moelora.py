@@ -275,12 +275,6 @@ def moelora_training(ctx: StageContext) -> TrainingParts:
             f"method.params.experts = {params.experts} experts",
             fix="make training.lora_r a multiple of method.params.experts (CoIN: 128 and 8)",
         )
-    if ctx.job.consolidation.method not in (None, "none"):
-        raise LlavaCError(
-            f"moelora's stage model is routed per token and has no adapter to consolidate "
-            f"(consolidation.method = {ctx.job.consolidation.method!r})",
-            fix="remove consolidation.method (moelora uses `none`)",
-        )
     carried = ctx.start_model if (ctx.start_model / SIDECAR).is_file() else None
     if carried is None and ctx.stage.index > 1:
         raise LlavaCError(
@@ -300,6 +294,7 @@ METHOD = register(
         params=MoELoRAParams,
         training=moelora_training,
         consolidation="none",
+        consolidable=False,
         load_model=load_moelora_model,
     )
 )
