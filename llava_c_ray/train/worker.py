@@ -105,11 +105,15 @@ def build_optimizer(model: nn.Module, t: TrainingConfig) -> torch.optim.Optimize
 
 
 def load_model(spec: StageSpec):
-    from transformers import LlavaForConditionalGeneration
+    """The stage's model, set up by its method. `training.seed` seeds the set-up too: adapters
+    (LoRA's A, experts, pools) are drawn here, before the Trainer seeds, so without it two runs
+    of one job started from different initial weights."""
+    from transformers import LlavaForConditionalGeneration, set_seed
 
     bf16, fp16 = precision_flags(spec.training, spec.use_gpu)
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     model = LlavaForConditionalGeneration.from_pretrained(spec.init, dtype=dtype)
+    set_seed(spec.training.seed)
     model = spec.setup(model, spec.training)
     for term in spec.losses:
         term.setup(model)
