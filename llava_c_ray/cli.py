@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llava_c_ray import packaged_jobs
+from llava_c_ray import console, packaged_jobs
 from llava_c_ray.config import JobConfig, dump_job, load_job
 from llava_c_ray.consolidate import command as consolidate_command
 from llava_c_ray.errors import LlavaCError
@@ -92,6 +92,7 @@ def train(args: argparse.Namespace) -> int:
     job = load(args.job, args.overrides)
     reports = check_job_data(job, [args.task], evaluation=False)
     job = apply_skipped(job, reports, args.out)
+    console.LOGS.open_in(args.out)
     result = run_stage(standalone_stage_spec(job, args.task, args.init, args.out))
     print(f"θ_t: {result.model_dir}\nadapter: {result.adapter_dir}\nsteps: {result.steps}")
     return 0
@@ -186,6 +187,15 @@ def add_pixel_limit(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print Ray's worker output and library logs too (always in RUN_DIR/logs/)",
+    )
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -210,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force-new", action="store_true", help="move an existing run of another config aside"
     )
+    add_verbose(p)
     p.set_defaults(handler=run)
 
     p = commands.add_parser("demo", help="the main job on the built-in tiny model and benchmark")
@@ -229,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force-new", action="store_true", help="move an existing run of another config aside"
     )
+    add_verbose(p)
     p.set_defaults(handler=demo)
 
     p = commands.add_parser(
@@ -242,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task name in the job")
     p.add_argument("--init", required=True, type=Path, help="start checkpoint (HF directory)")
     p.add_argument("--out", required=True, type=Path, help="output directory (model/, adapter/)")
+    add_verbose(p)
     p.set_defaults(handler=train)
 
     consolidate_command.register(commands)
@@ -332,6 +345,8 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
+    if hasattr(args, "verbose"):
+        console.setup(verbose=args.verbose)
     try:
         return args.handler(args)
     except LlavaCError as exc:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_c_ray import console
 from llava_c_ray.config import JobConfig
 from llava_c_ray.data.records import read_records
 from llava_c_ray.data.validate import MAX_IMAGE_PIXELS, ValidationReport, validate_records
@@ -103,6 +104,8 @@ def run_job(job: JobConfig, run_dir: Path | None = None, *, force_new: bool = Fa
     method = bind(job)
     reports = check_job_data(job)  # every task's data, before anything is written or trained
     run = open_run(job, run_dir, force_new)
+    logs = console.LOGS.open_in(run.path)
+    console.say(f"{job.name}: method {method.method.name}, run directory {run.path}")
     initial = resolve_initial_model(job)
     ensure_ray()
     pipe = Pipeline(apply_skipped(job, reports, run.path), method, run, initial)
@@ -115,7 +118,21 @@ def run_job(job: JobConfig, run_dir: Path | None = None, *, force_new: bool = Fa
 
     draw_run_plots(pipe.run.path, results)
     pipe.run.sync()
+    console.say(finished_note(pipe.run.path, logs))
     return results
+
+
+def finished_note(run_dir: Path, logs: Path) -> str:
+    return (
+        f"run directory: {run_dir}\n  results: {run_dir / 'results.json'}\n"
+        f"  plots: {run_dir / 'plots'}\n"
+        f"  logs: {logs}\n  TensorBoard: tensorboard --logdir {run_dir / 'stages'}"
+    )
+
+
+def say(pipe: Pipeline, stage: Stage, text: str) -> None:
+    """A line of the run's console view about one stage."""
+    console.say(f"[{stage.index}/{len(pipe.stages)} {stage.name}] {text}")
 
 
 SKIP_HINT = "set data.on_error=skip to train on the rest"
@@ -225,6 +242,7 @@ def train_step(pipe: Pipeline, stage: Stage, start_model: Path) -> TrainRecord:
     done = pipe.run.stage(stage.index).steps.train
     if done:
         return done
+    from llava_c_ray.train.progress import PROGRESS_FILE, summary
     from llava_c_ray.train.stage import run_stage
 
     out = pipe.run.stage_dir(stage.dirname) / "train"
@@ -242,6 +260,7 @@ def train_step(pipe: Pipeline, stage: Stage, start_model: Path) -> TrainRecord:
         seconds=time.time() - started,
     )
     pipe.run.record(stage.index, record)
+    say(pipe, stage, f"trained in {record.seconds:.0f} s: {summary(out / PROGRESS_FILE)}")
     return record
 
 
@@ -291,6 +310,7 @@ def after_training_step(
     hook(pipe.context(stage, start_model), TrainedStage(trained.model, trained.adapter))
     record = AfterTrainingRecord(finished=time.time(), seconds=time.time() - started)
     pipe.run.record(stage.index, record)
+    say(pipe, stage, f"{pipe.method.method.name}'s after-training work in {record.seconds:.0f} s")
 
 
 def search_step(pipe: Pipeline, stage: Stage, start_model: Path, trained: TrainRecord) -> float:
@@ -330,6 +350,7 @@ def search_step(pipe: Pipeline, stage: Stage, start_model: Path, trained: TrainR
         seconds=time.time() - started,
     )
     pipe.run.record(stage.index, record)
+    say(pipe, stage, f"α search: α = {result.best_alpha:g} in {record.seconds:.0f} s")
     return result.best_alpha
 
 
@@ -368,7 +389,6 @@ def consolidate_step(
         alpha=alpha,
         boundary=pipe.job.consolidation.boundary,
         factors_cache=stage_dir / "factors",
-        progress=False,
     )
     (out / "sac_stats.json").replace(stage_dir / "sac_stats.json")
     record = ConsolidateRecord(
@@ -380,6 +400,7 @@ def consolidate_step(
     )
     pipe.run.record(stage.index, record)
     pipe.run.update_stage(stage.index, alpha=alpha, checkpoint=out)
+    say(pipe, stage, f"consolidated ({rule.name}, α = {alpha:g}) in {record.seconds:.0f} s")
     return out
 
 
@@ -416,6 +437,16 @@ def evaluate_step(pipe: Pipeline, stage: Stage, model: Path) -> None:
     )
     pipe.run.record(stage.index, record)
     write_results(pipe)
+    say(pipe, stage, f"scores in {record.seconds:.0f} s: {score_line(pipe.job, result.scores)}")
+
+
+def score_line(job: JobConfig, scores: dict[str, float]) -> str:
+    """`task 23.4 (chance 23.4) · … · general_probe 85.0`."""
+    chance = {t.name: t.chance for t in job.tasks if t.chance is not None}
+    return " · ".join(
+        f"{name} {score:.1f}" + (f" (chance {chance[name]:.1f})" if name in chance else "")
+        for name, score in scores.items()
+    )
 
 
 GENERAL = "general_probe"

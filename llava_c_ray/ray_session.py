@@ -7,6 +7,8 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from llava_c_ray import console
+
 # Ray keeps no more idle worker processes than the machine has CPUs and kills the rest after 1 s.
 # On a laptop the training workers alone fill that quota, so every epoch's Ray Data read tasks
 # started new Python workers, a 7–12 s stall per epoch under training load. Idle workers are
@@ -29,6 +31,7 @@ def ensure_ray() -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
         start_local_ray()
+    route_worker_logs()
 
 
 def start_local_ray() -> None:
@@ -79,3 +82,38 @@ def environment(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def route_worker_logs() -> None:
+    """Write what Ray streams from its workers to the run's `logs/workers.log`, and unless the
+    console is verbose, not to the console.
+
+    Ray (`log_to_driver`, on by default) streams every worker's and actor's output to the driver
+    through one dispatcher, whose default handler ("ray_print_logs") prints it; the log files
+    take a handler of their own beside it, and in quiet mode the printing one is removed. Ray
+    Data's progress bars are turned off in quiet mode (they would be the bulk of the log)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from ray.data import DataContext
+
+    dispatcher.remove_handler(WORKER_LOG_HANDLER)
+    dispatcher.add_handler(WORKER_LOG_HANDLER, write_worker_lines)
+    if not console.LOGS.verbose:
+        dispatcher.remove_handler("ray_print_logs")
+        DataContext.get_current().enable_progress_bars = False
+
+
+WORKER_LOG_HANDLER = "llava_c_logs"
+
+
+def write_worker_lines(batch: dict) -> None:
+    """One batch of worker output, each line prefixed as Ray prints it: (actor pid=…, ip=…).
+    Of the autoscaler's periodic status only its events are kept, as Ray prints them."""
+    from ray._private.worker import filter_autoscaler_events
+
+    lines = batch.get("lines", [])
+    if batch.get("pid") == "autoscaler":
+        lines = list(filter_autoscaler_events(lines))
+    who = batch.get("actor_name") or batch.get("task_name") or ""
+    prefix = f"({who} pid={batch.get('pid')}, ip={batch.get('ip')}) ".replace("( ", "(")
+    stream = "err" if batch.get("is_err") else "out"
+    console.LOGS.write(console.WORKER_LOG, "".join(f"{prefix}[{stream}] {x}\n" for x in lines))

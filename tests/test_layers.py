@@ -21,7 +21,8 @@ PACKAGE = "llava_c_ray"
 ROOT = Path(llava_c_ray.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
-    (PACKAGE, "errors", "files"),  # the error type, atomic writes; `llava_c_ray` is __init__.py
+    # the error type, atomic writes, the console and log files; `llava_c_ray` is __init__.py
+    (PACKAGE, "errors", "files", "console"),
     ("config", "packaged_jobs", "run_records"),  # job schema, shipped job YAMLs, run records
     ("data",),  # records, validation, templates, answer scoring, shards, the synthetic benchmark
     ("model",),  # checkpoints: tiny builder, compose, safetensors streaming, parameter names

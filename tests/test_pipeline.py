@@ -54,7 +54,7 @@ def write_job(tmp_path: Path, benchmark: Path, model: Path, tasks: int = 2, **ex
 @pytest.fixture(scope="module")
 def finished(ray_cluster, tiny_benchmark, tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    job_file = write_job(tmp, tiny_benchmark, tiny_checkpoint, tasks=5)
+    job_file = write_job(tmp, tiny_benchmark, tiny_checkpoint, tasks=3)
     started = time.perf_counter()
     results = run_job(load_job(job_file), tmp / "run")
     return tmp, job_file, results, time.perf_counter() - started
@@ -63,7 +63,7 @@ def finished(ray_cluster, tiny_benchmark, tiny_checkpoint, tmp_path_factory):
 def test_run_directory_layout(finished) -> None:
     tmp, _, results, _ = finished
     run = tmp / "run"
-    assert len(results.accuracy_matrix) == 6 and len(results.accuracy_matrix[0]) == 5
+    assert len(results.accuracy_matrix) == 4 and len(results.accuracy_matrix[0]) == 3
     assert results.finished and set(results.metrics) >= {
         "avg",
         "bwt",
@@ -71,7 +71,7 @@ def test_run_directory_layout(finished) -> None:
         "general_retention",
     }
     manifest = json.loads((run / "manifest.json").read_text())
-    assert [sorted(s["steps"]) for s in manifest["stages"]] == [["evaluate"]] + 5 * [
+    assert [sorted(s["steps"]) for s in manifest["stages"]] == [["evaluate"]] + 3 * [
         ["consolidate", "evaluate", "train"]
     ]
     stage = run / "stages" / "01-icon_count"
@@ -85,7 +85,7 @@ def test_run_directory_layout(finished) -> None:
     assert (
         (run / "accuracy_matrix.csv")
         .read_text()
-        .startswith("stage,icon_count,attributes,count_math,bar_chart,line_plot,general_probe")
+        .startswith("stage,icon_count,attributes,count_math,general_probe")
     )
     assert {p.name for p in (run / "plots").glob("*.png")} >= {
         "accuracy_heatmap.png",
@@ -156,9 +156,9 @@ def test_bad_jobs_fail_fast(tmp_path, tiny_benchmark, tiny_checkpoint) -> None:
 def test_driver_killed_mid_run_resumes(
     ray_cluster, finished, tiny_benchmark, tiny_checkpoint, tmp_path
 ) -> None:
-    """Kill the driver during stage 3 of 5; the rerun keeps stages 0–2 as they were, finishes
-    stages 3–5, and ends with the uninterrupted run's numbers (same seeds, deterministic CPU)."""
-    job_file = write_job(tmp_path, tiny_benchmark, tiny_checkpoint, tasks=5)
+    """Kill the driver during stage 2 of 3; the rerun keeps stages 0–1 as they were, finishes
+    stages 2–3, and ends with the uninterrupted run's numbers (same seeds, deterministic CPU)."""
+    job_file = write_job(tmp_path, tiny_benchmark, tiny_checkpoint, tasks=3)
     run_dir = tmp_path / "run"
     command = [
         sys.executable,
@@ -177,16 +177,23 @@ def test_driver_killed_mid_run_resumes(
     deadline = time.time() + 400
     while time.time() < deadline and driver.poll() is None:
         stages = json.loads(manifest.read_text())["stages"] if manifest.exists() else []
-        if len(stages) > 3 and "train" in stages[3]["steps"]:
+        if len(stages) > 2 and "train" in stages[2]["steps"]:
             break
         time.sleep(0.5)
     assert driver.poll() is None, "the driver finished before it could be killed"
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
-    finished_before = json.loads(manifest.read_text())["stages"][:3]
+    finished_before = json.loads(manifest.read_text())["stages"][:2]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads(manifest.read_text())
-    assert final["stages"][:3] == finished_before
+    assert final["stages"][:2] == finished_before
     matrix = json.loads((run_dir / "results.json").read_text())["accuracy_matrix"]
     assert matrix == finished[2].accuracy_matrix
+    # The console carries the run's own lines; Ray's worker output went to the run's logs.
+    console = (done.stdout + done.stderr).splitlines()
+    assert [line for line in console if line.startswith("[3/3 ")][-1].startswith(
+        "[3/3 count_math] scores"
+    )
+    assert len(console) <= 40, "\n".join(console)
+    assert "RayTrainWorker" in (run_dir / "logs" / "workers.log").read_text()

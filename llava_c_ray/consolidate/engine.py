@@ -275,7 +275,10 @@ def write_consolidated(
     groups = list(enumerate(group_items(items, base, writer.max_shard_bytes, 2 * window)))
     parts: dict[Any, Path] = {}
     stats: list[dict] = []
-    bar = tqdm(total=len(base.keys()), desc="consolidate", unit="tensor", disable=not progress)
+    # disable=None: drawn on a terminal only (a log file gets no bar redraws)
+    bar = tqdm(
+        total=len(base.keys()), desc="consolidate", unit="tensor", disable=None if progress else True
+    )
 
     def submit() -> None:
         while groups and len(parts) < window:

@@ -241,4 +241,4 @@ def test_rank_zero_writes_the_progress_the_driver_draws(trained) -> None:
 
     progress = read_progress(trained.model_dir.parent / PROGRESS_FILE)
     assert progress["step"] == progress["max_steps"] == trained.steps == 12
-    assert progress["loss"] > 0
+    assert progress["logs"]["loss"] > 0 and progress["logs"]["tokens_per_s"] > 0
