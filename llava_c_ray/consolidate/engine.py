@@ -277,7 +277,10 @@ def write_consolidated(
     stats: list[dict] = []
     # disable=None: drawn on a terminal only (a log file gets no bar redraws)
     bar = tqdm(
-        total=len(base.keys()), desc="consolidate", unit="tensor", disable=None if progress else True
+        total=len(base.keys()),
+        desc="consolidate",
+        unit="tensor",
+        disable=None if progress else True,
     )
 
     def submit() -> None:
