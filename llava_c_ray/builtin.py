@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_c_ray import console
 from llava_c_ray.config import job_from_dict
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.files import atomic_directory, move_into_place, refuse_overlap, refuse_replacing
@@ -96,7 +97,8 @@ def pretrain_base(built: Builtin) -> Path:
     from llava_c_ray.train.stage import run_stage
 
     print(
-        f"[llava-c] pre-training the tiny base model in {built.base_model} (a few minutes)",
+        f"[llava-c] pre-training the tiny base model in {built.base_model} (a few minutes; "
+        f"logs in {console.LOGS.open_in(built.root)})",
         flush=True,
     )
     job = base_job(built)

@@ -22,7 +22,7 @@ LIBRARY_LOG = "driver.log"
 """Logging and warnings of the driver process (Ray, Ray Data, transformers, …)."""
 WORKER_LOG = "workers.log"
 """What Ray's workers and actors printed (training logs, evaluation actors, Ray Data)."""
-LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "transformers", "py.warnings")
+LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "transformers", "DeepSpeed", "py.warnings")
 """The loggers that print to the console from the driver process."""
 
 
