@@ -53,10 +53,11 @@ Our choices [choice], each a named parameter or stated here:
   phase — the keys are frozen in phase 2, so the selection is that of training), initialised
   1/(t−1); at inference a row uses the λ of the task owning its most similar selected slot;
   ΔW_row = Σ_n (w_{row,n} + Σ_{s<t} λ_{t,s}·m_{s,n})·B_n·A_n;
-- the key loss takes each group's own top-M as the derived code does; the phase runs on the
-  driver (it needs only the sentence encoder and the keys, not the LVLM) before the stage's Ray
-  Train run, which is phase 2; its result is `RUN_DIR/method/continual_llava_keys-NN.safetensors`
-  (a rerun reuses it);
+- the key loss takes each group's own top-M as the derived code does; the phase runs as one Ray
+  task with a training worker's resources (it needs only the sentence encoder and the keys, not
+  the LVLM; on a cluster it runs where the training workers do, not beside the driver) before the
+  stage's Ray Train run, which is phase 2; its result is
+  `RUN_DIR/method/continual_llava_keys-NN.safetensors` (a rerun reuses it);
 - the increments, keys and λ are float32 whatever the model's dtype; the projector stays frozen
   whatever `training.train_projector` says (the LVLM is frozen, src paper abstract);
 - the built-in default encoder (`query_encoder: tiny`) is a 2-layer BERT built in code from
@@ -95,10 +96,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llava_c_ray.config import TrainingConfig
+from llava_c_ray.config import ClusterConfig, TaskConfig, TrainingConfig
 from llava_c_ray.data.records import IMAGE_TOKEN, Record, read_records
 from llava_c_ray.data.shards import read_shards
 from llava_c_ray.data.template import prompt_segment, with_instruction
@@ -114,6 +116,7 @@ from llava_c_ray.methods.base import (
     register,
 )
 from llava_c_ray.methods.wrapping import unwrapped, wrap_linears
+from llava_c_ray.ray_session import ensure_ray
 from llava_c_ray.train.hooks import ModelSetup
 
 SIDECAR = "continual_llava.safetensors"
@@ -365,10 +368,6 @@ class QueryEncoder:
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
         self.model.requires_grad_(False)
         self.cache: dict[str, torch.Tensor] = {}
-
-    @property
-    def dim(self) -> int:
-        return int(self.model.config.hidden_size)
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
@@ -652,14 +651,14 @@ class ContinualLLaVASetup(ModelSetup):
         )
 
 
-# ---------------------------------------------------------------- the driver side
+# ---------------------------------------------------------------- the stage's steps
 
 
-def task_instructions(ctx: StageContext, tokenizer: Any) -> list[str]:
-    """The stage's training instructions as the forward sees them: the first user turn rendered
+def task_instructions(tasks: list[TaskConfig], template: str, tokenizer: Any) -> list[str]:
+    """The tasks' training instructions as the forward sees them: the first user turn rendered
     by the job's template, tokenised and decoded with the start model's tokenizer."""
     texts = []
-    for task in ctx.tasks():
+    for task in tasks:
         path = Path(task.train)
         if path.is_dir():
             records = [record for record, _ in read_shards(path)]
@@ -667,7 +666,7 @@ def task_instructions(ctx: StageContext, tokenizer: Any) -> list[str]:
             records = [Record.from_raw(raw) for raw in read_records(path)]
         for record in records:
             human = with_instruction(record.conversations[0].value, task.instruction)
-            ids = tokenizer(prompt_segment(human, ctx.job.model.template, first=True))["input_ids"]
+            ids = tokenizer(prompt_segment(human, template, first=True))["input_ids"]
             texts.append(first_user_turn(tokenizer.decode(ids, skip_special_tokens=True)))
     return texts
 
@@ -723,25 +722,40 @@ def stage_encoder(ctx: StageContext, carried: Path | None) -> tuple[Path, bool]:
     return path, False
 
 
-def key_phase(
-    ctx: StageContext, shape: PoolShape, encoder: QueryEncoder, carried: Path | None
-) -> Path:
-    """Phase 1 on the driver: train this task's keys, record its memory row and chosen slots in
-    `RUN_DIR/method/continual_llava_keys-NN.safetensors` (+ `.json`); reused when present."""
+@dataclass(frozen=True)
+class KeyState:
+    """Phase 1's result: the pool's keys (G×N×d/G) with the task's trained, the memory (T×N)
+    with the task's row, and how often each of its slots is chosen over the task's rows."""
+
+    keys: torch.Tensor
+    memory: torch.Tensor
+    chosen: dict[int, int]
+
+
+def task_key_state(
+    tasks: list[TaskConfig],
+    template: str,
+    tokenizer_dir: Path,
+    encoder_dir: Path,
+    shape: PoolShape,
+    task: int,
+    carried: Path | None,
+    params: ContinualLLaVAParams,
+    seed: int,
+) -> KeyState:
+    """Phase 1 of task `task` (0-based) over the stage's training instructions: its keys trained
+    from the carried pool's (or the orthogonal init from `seed`), its memory row = the
+    instance-averaged selection over its slots. `key_phase` runs it as a Ray task."""
     from transformers import AutoTokenizer
 
-    params: ContinualLLaVAParams = ctx.params
-    out = ctx.state_file(KEYS_STATE)
-    if out.is_file() and out.with_suffix(".json").is_file():
-        return out
-    task = ctx.stage.index - 1
     if carried is None:
-        generator = torch.Generator().manual_seed(ctx.job.training.seed)
-        keys, memory = orthogonal_keys(shape, generator), torch.zeros(shape.tasks, shape.size)
-    else:
-        saved = load_file(str(carried / SIDECAR))
-        keys, memory = saved["keys"], saved["memory"]
-    queries = encoder(task_instructions(ctx, AutoTokenizer.from_pretrained(ctx.start_model)))
+        keys = orthogonal_keys(shape, torch.Generator().manual_seed(seed))
+        memory = torch.zeros(shape.tasks, shape.size)
+    else:  # only the keys and memory of the sidecar, not its increments
+        with safe_open(str(carried / SIDECAR), framework="pt") as saved:
+            keys, memory = saved.get_tensor("keys"), saved.get_tensor("memory")
+    instructions = task_instructions(tasks, template, AutoTokenizer.from_pretrained(tokenizer_dir))
+    queries = QueryEncoder(encoder_dir)(instructions)
     slots = shape.task_slots(task)
     keys[:, slots] = train_keys(
         queries,
@@ -751,22 +765,59 @@ def key_phase(
         weight_decay=params.key_weight_decay,
         epochs=params.key_epochs,
         batch=params.key_batch,
-        seed=ctx.job.training.seed,
+        seed=seed,
     )
     allowed = torch.zeros(shape.size, dtype=torch.bool)
     allowed[slots] = True
     indices, weights = select_slots(group_cosine(queries, keys).mean(1), allowed, shape.top_m)
     memory[task] = torch.zeros(len(queries), shape.size).scatter(1, indices, weights).mean(0)
     chosen = Counter(indices.flatten().tolist())
-    save_tensors_atomic({"keys": keys.contiguous(), "memory": memory.contiguous()}, out)
-    write_json_atomic(
-        out.with_suffix(".json"),
-        {name: {str(k): v for k, v in sorted(chosen.items())} for name in ctx.stage.tasks},
+    return KeyState(keys.contiguous(), memory.contiguous(), dict(sorted(chosen.items())))
+
+
+def worker_options(cluster: ClusterConfig) -> dict[str, Any]:
+    """`ray.remote` options asking for one training worker's resources (CPUs, GPU, custom
+    resources), so that on a cluster a task lands where training workers do, not on the head."""
+    return {
+        "num_cpus": cluster.cpus_per_worker,
+        "num_gpus": 1 if cluster.use_gpu else 0,
+        "resources": dict(cluster.resources_per_worker),
+    }
+
+
+def key_phase(ctx: StageContext, shape: PoolShape, encoder: Path, carried: Path | None) -> Path:
+    """Phase 1 as one Ray task with a training worker's resources (`task_key_state`), its result
+    in `RUN_DIR/method/continual_llava_keys-NN.safetensors` (+ `.json`, the chosen slots);
+    reused when present. The encoder runs on the task's CPU, as in the training forward."""
+    import ray
+
+    out = ctx.state_file(KEYS_STATE)
+    if out.is_file() and out.with_suffix(".json").is_file():
+        return out
+    ensure_ray()
+    remote = ray.remote(**worker_options(ctx.job.cluster))(task_key_state)
+    state: KeyState = ray.get(
+        remote.remote(
+            ctx.tasks(),
+            ctx.job.model.template,
+            ctx.start_model,
+            encoder,
+            shape,
+            ctx.stage.index - 1,
+            carried,
+            ctx.params,
+            ctx.job.training.seed,
+        )
     )
+    save_tensors_atomic({"keys": state.keys, "memory": state.memory}, out)
+    chosen = {str(slot): count for slot, count in state.chosen.items()}
+    write_json_atomic(out.with_suffix(".json"), dict.fromkeys(ctx.stage.tasks, chosen))
     return out
 
 
 def continual_llava_training(ctx: StageContext) -> TrainingParts:
+    from transformers import AutoConfig
+
     params: ContinualLLaVAParams = ctx.params
     t = ctx.job.training
     if t.full_finetune:
@@ -789,10 +840,10 @@ def continual_llava_training(ctx: StageContext) -> TrainingParts:
             "first stage)",
         )
     encoder_dir, bundle = stage_encoder(ctx, carried)
-    encoder = QueryEncoder(encoder_dir)
-    if encoder.dim % params.key_groups:
+    dim = int(AutoConfig.from_pretrained(encoder_dir).hidden_size)  # the weights stay unloaded
+    if dim % params.key_groups:
         raise LlavaCError(
-            f"the query encoder's dimension {encoder.dim} does not split into "
+            f"the query encoder's dimension {dim} does not split into "
             f"method.params.key_groups = {params.key_groups} groups",
             path=encoder_dir,
             fix="choose key_groups dividing the encoder's hidden size",
@@ -803,7 +854,7 @@ def continual_llava_training(ctx: StageContext) -> TrainingParts:
         rank=params.rank,
         top_m=params.top_m,
         groups=params.key_groups,
-        query_dim=encoder.dim,
+        query_dim=dim,
     )
     if carried is not None and PoolShape(**saved_config(carried)["shape"]) != shape:
         raise LlavaCError(
@@ -811,7 +862,7 @@ def continual_llava_training(ctx: StageContext) -> TrainingParts:
             path=carried,
             fix="keep method.params and the task list the same in every stage",
         )
-    key_state = key_phase(ctx, shape, encoder, carried)
+    key_state = key_phase(ctx, shape, encoder_dir, carried)
     return TrainingParts(
         setup=ContinualLLaVASetup(
             shape,

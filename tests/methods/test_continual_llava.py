@@ -1,10 +1,14 @@
 """`continual_llava` (METHODS.md § continual_llava): the instruction parse, the selection rule, the
 key phase touching only the task's keys, the frozen base (byte-identical across stages), zero
 gradients off the selected slots, the same selection in the trainer and the evaluator, earlier
-tasks' slots unchanged by a later stage, and a real 2-worker stage that loads and evaluates."""
+tasks' slots unchanged by a later stage, the key phase's Ray task = its local function, and a
+real 2-worker stage that loads and evaluates, killed once mid-stage: the resumed pool state is
+the uninterrupted run's at every step."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from llava_c_ray.config import TrainingConfig, job_from_dict
+from llava_c_ray.config import ClusterConfig, TrainingConfig, job_from_dict
 from llava_c_ray.data.records import load_records
 from llava_c_ray.data.template import SYSTEM, encode_example, encode_prompts, prompt_text
 from llava_c_ray.errors import LlavaCError
@@ -28,9 +32,14 @@ from llava_c_ray.methods.continual_llava import (
     load_continual_llava_model,
     orthogonal_keys,
     pool_of,
+    pool_tensors,
     pooled_layers,
     select_slots,
+    task_key_state,
+    worker_options,
 )
+from llava_c_ray.train.hooks import StepHook, unwrap
+from tests.train.killing import KillAtStep
 
 PARAMS = {"slots_per_task": 4, "rank": 2, "top_m": 2, "key_epochs": 2, "key_batch": 16}
 TRAINING = TrainingConfig(seed=0)
@@ -111,8 +120,8 @@ def eval_rows(checkpoint: Path, benchmark: Path, recs) -> dict[str, torch.Tensor
 
 
 @pytest.fixture(scope="module")
-def stage_one(tiny_benchmark: Path, tiny_checkpoint: Path, tmp_path_factory):
-    """Stage 1's training parts (key phase done) and its set-up model."""
+def stage_one(ray_cluster, tiny_benchmark: Path, tiny_checkpoint: Path, tmp_path_factory):
+    """Stage 1's training parts (key phase done, as a Ray task) and its set-up model."""
     run = tmp_path_factory.mktemp("cl_run")
     ctx = context(job(tiny_benchmark), 1, tiny_checkpoint, run)
     parts = METHOD.training(ctx)
@@ -153,6 +162,31 @@ def test_key_phase_trains_only_the_task_keys_and_records_its_memory(stage_one) -
     before = ctx.state_file(KEYS_STATE).stat().st_mtime_ns
     METHOD.training(ctx)
     assert ctx.state_file(KEYS_STATE).stat().st_mtime_ns == before
+
+
+def test_the_key_phase_task_computes_what_the_local_function_does(stage_one) -> None:
+    """The Ray task's keys, memory and chosen slots are bit-identical to `task_key_state` run
+    in this process (same inputs, same CPU kernels)."""
+    ctx, parts, _ = stage_one
+    local = task_key_state(
+        ctx.tasks(),
+        ctx.job.model.template,
+        ctx.start_model,
+        parts.setup.encoder,
+        parts.setup.shape,
+        0,
+        None,
+        ctx.params,
+        ctx.job.training.seed,
+    )
+    remote = load_file(str(ctx.state_file(KEYS_STATE)))
+    assert torch.equal(remote["keys"], local.keys)
+    assert torch.equal(remote["memory"], local.memory)
+    chosen = json.loads(ctx.state_file(KEYS_STATE).with_suffix(".json").read_text())
+    assert chosen == dict.fromkeys(ctx.stage.tasks, {str(k): v for k, v in local.chosen.items()})
+    assert sum(local.chosen.values()) % parts.setup.shape.top_m == 0
+    cluster = ClusterConfig(use_gpu=True, cpus_per_worker=8, resources_per_worker={"a100": 1})
+    assert worker_options(cluster) == {"num_cpus": 8, "num_gpus": 1, "resources": {"a100": 1}}
 
 
 def test_phase_two_trains_only_the_task_increments_and_starts_from_the_base(
@@ -284,13 +318,45 @@ def test_cosine_is_per_group() -> None:
     torch.testing.assert_close(sim[0, :, 0], torch.tensor([1.0, 2**-0.5]))
 
 
-@pytest.fixture(scope="module")
-def trained_stage(ray_cluster, tiny_benchmark: Path, tiny_checkpoint: Path, tmp_path_factory):
+class PoolDump(StepHook):
+    """Writes the pool's state (keys, λ, memory, increments, task counters) after every optimizer
+    step, one file per rank and step, named `resumed` by a worker restored from a checkpoint."""
+
+    name = "pool_dump"
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.steps = torch.zeros((), dtype=torch.long)
+        self.resumed = False
+
+    def on_optimizer_step(self, model) -> dict[str, float]:
+        import ray.train
+        from safetensors.torch import save_file
+
+        self.steps += 1
+        inner = unwrap(model)
+        pool = pool_of(inner)
+        state = pool_tensors(inner) | {"tasks": torch.tensor([pool.current, pool.trained])}
+        rank = ray.train.get_context().get_world_rank()
+        attempt = "resumed" if self.resumed else "first"
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(self.out / f"rank{rank}-step{int(self.steps)}-{attempt}.safetensors"))
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state, model) -> None:
+        self.steps, self.resumed = state["steps"].clone(), True
+
+
+def stage_run(benchmark: Path, checkpoint: Path, out: Path, *hooks: StepHook):
+    """Stage 1 on 2 workers, 4 steps, checkpoints at 2 and 4, with test step hooks added."""
     from llava_c_ray.pipeline import spec_for
     from llava_c_ray.train.stage import run_stage
 
     job_ = job(
-        tiny_benchmark,
+        benchmark,
         training={
             "lr": 5e-3,
             "per_device_batch": 4,
@@ -301,9 +367,16 @@ def trained_stage(ray_cluster, tiny_benchmark: Path, tiny_checkpoint: Path, tmp_
         },
         cluster={"num_workers": 2},
     )
+    ctx = context(job_, 1, checkpoint, out)
+    spec = spec_for(job_, bind(job_), ctx, out / "train")
+    return job_, ctx, run_stage(dataclasses.replace(spec, step_hooks=(*spec.step_hooks, *hooks)))
+
+
+@pytest.fixture(scope="module")
+def trained_stage(ray_cluster, tiny_benchmark: Path, tiny_checkpoint: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("cl_stage") / "stage"
-    ctx = context(job_, 1, tiny_checkpoint, out)
-    return job_, ctx, run_stage(spec_for(job_, bind(job_), ctx, out / "train"))
+    job_, ctx, result = stage_run(tiny_benchmark, tiny_checkpoint, out, PoolDump(out / "pool"))
+    return job_, ctx, result, out / "pool"
 
 
 @pytest.mark.integration
@@ -312,7 +385,7 @@ def test_a_stage_trains_the_task_slots_and_its_output_evaluates(
 ) -> None:
     from llava_c_ray.evaluate.evaluator import EvalTask, evaluate_checkpoint
 
-    job_, ctx, result = trained_stage
+    job_, ctx, result, _ = trained_stage
     assert result.steps == 4 and result.adapter_dir is None
     saved = load_file(str(result.model_dir / SIDECAR))
     b = [v for k, v in saved.items() if k.endswith("lora_B")]
@@ -393,3 +466,42 @@ def test_the_evaluator_generates_several_tokens_per_prompt(
         actor.model(**encode_prompts([q.question for q in queries], actor.processor, None))
         if queries[0].image is None:
             assert torch.equal(pool_of(actor.model).last.indices, prompt_selection)
+
+
+def dumps(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.stem: load_file(str(p)) for p in sorted(directory.glob("*.safetensors"))}
+
+
+@pytest.mark.integration
+def test_a_killed_worker_resumes_the_pool_state_of_an_uninterrupted_run(
+    trained_stage, ray_cluster, tiny_benchmark: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Worker rank 1 is killed once after optimizer step 3; Ray Train restarts both workers
+    from the step-2 checkpoint. The pool state (keys, λ, memory, increments, task counters) of
+    the resumed workers equals the uninterrupted run's at steps 3 and 4 (so it was restored
+    exactly at step 2: same data order, optimizer and CPU kernels), and the stage's outputs
+    (sidecar, chosen slots) are bit-identical."""
+    _, _, want, pool = trained_stage
+    out = tmp_path / "stage"
+    marker = out / "killed"
+    kill = KillAtStep(3, marker, out / "train" / "ray_train")
+    _, _, result = stage_run(tiny_benchmark, tiny_checkpoint, out, PoolDump(out / "pool"), kill)
+    assert marker.exists(), "no worker was killed"
+    assert result.steps == 4 and result.metrics["resumed_from"] == 2
+
+    uninterrupted, killed = dumps(pool), dumps(out / "pool")
+    assert sorted(uninterrupted) == [f"rank{r}-step{s}-first" for r in (0, 1) for s in range(1, 5)]
+    resumed = sorted(name for name in killed if name.endswith("resumed"))
+    assert resumed == [f"rank{r}-step{s}-resumed" for r in (0, 1) for s in (3, 4)]
+    for name, state in killed.items():
+        reference = uninterrupted[name.rsplit("-", 1)[0] + "-first"]
+        assert state.keys() == reference.keys()
+        for key, tensor in state.items():
+            assert torch.equal(tensor, reference[key]), (name, key)
+
+    got, sidecar = (load_file(str(r.model_dir / SIDECAR)) for r in (result, want))
+    assert got.keys() == sidecar.keys()
+    assert all(torch.equal(tensor, sidecar[key]) for key, tensor in got.items())
+    config = json.loads((result.model_dir / SIDECAR_CONFIG).read_text())
+    assert config == json.loads((want.model_dir / SIDECAR_CONFIG).read_text())
+    assert config["chosen"] and config["trained_tasks"] == 1
