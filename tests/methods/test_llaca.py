@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import socket
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from llava_c_ray.methods.llaca import (
 )
 from llava_c_ray.train.hooks import unwrap
 from llava_c_ray.train.worker import build_optimizer
+from tests.train.killing import kill_once
 
 TRAINING = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lr": 2e-2, "projector_lr": 2e-3}
 
@@ -337,7 +337,7 @@ class DumpingHook(LLaCAHook):
 
 class KillingHook(DumpingHook):
     """Worker rank 1 kills itself once, at step `kill_at`, after the step-4 checkpoint is
-    registered: deterministic, unlike a kill timed from outside."""
+    registered (`kill_once`): deterministic, unlike a kill timed from outside."""
 
     def __init__(self, out: Path, kill_at: int):
         super().__init__(out)
@@ -353,14 +353,7 @@ class KillingHook(DumpingHook):
             and ray.train.get_context().get_world_rank() == 1
             and not marker.exists()
         ):
-            deadline = time.time() + 120
-            ray_train = self.out.parent / "ray_train"
-            while time.time() < deadline and not list(ray_train.glob("*/checkpoint_*")):
-                time.sleep(0.2)
-            time.sleep(3)  # the controller registers a reported checkpoint when it next polls
-            self.out.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill_once(marker, self.out.parent / "ray_train")
         return stats
 
 

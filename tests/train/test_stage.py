@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from llava_c_ray.methods.uir import UIRTerm
 from llava_c_ray.train.hooks import StepHook
 from llava_c_ray.train.spec import StageSpec
 from llava_c_ray.train.stage import run_stage
+from tests.train.killing import KillAtStep
 
 pytestmark = pytest.mark.integration
 
@@ -143,30 +141,14 @@ def test_uir_keeps_inquiry_states_closer(
 def test_worker_killed_mid_stage_resumes_from_checkpoint(
     ray_cluster, tiny_benchmark, tiny_checkpoint, tmp_path
 ) -> None:
-    import psutil
-
+    """Worker rank 1 is killed once, after step 6, when the step-4 checkpoint is registered: Ray
+    Train restarts the group from it and the stage ends with the step count and outputs whole."""
     out = tmp_path / "fault"
-    job = stage_job(tiny_benchmark, max_steps=80, checkpoint_every=4, per_device_batch=4)
-    killed: list[int] = []
-
-    def kill_a_worker_after_first_checkpoint() -> None:
-        deadline = time.time() + 240
-        # The controller registers reported checkpoints when it next polls the workers (~1 s):
-        # wait for a checkpoint on disk, then long enough for it to be registered.
-        while time.time() < deadline and not list(out.glob("ray_train/*/checkpoint_*")):
-            time.sleep(0.2)
-        time.sleep(3)
-        # Only this session's Ray (its raylet is a child of this process), not another on the machine.
-        for proc in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "RayTrainWorker" not in " ".join(proc.cmdline()):
-                    continue
-                os.kill(proc.pid, signal.SIGKILL)
-                killed.append(proc.pid)
-                return
+    job = stage_job(tiny_benchmark, max_steps=10, checkpoint_every=4, per_device_batch=4)
+    kill = KillAtStep(6, out / "killed", out / "ray_train")
 
     class CountSteps(StepHook):
-        """A method's per-step state: restored from the checkpoint, the count reaches 80."""
+        """A method's per-step state: restored from the checkpoint, the count reaches 10."""
 
         name = "count"
 
@@ -186,16 +168,13 @@ def test_worker_killed_mid_stage_resumes_from_checkpoint(
         def finalize(self, model) -> None:
             (out / f"count-{os.getpid()}.txt").write_text(str(int(self.count)))
 
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint)
-    killer.start()
-    spec = dataclasses.replace(spec_for(job, tiny_checkpoint, out), step_hooks=(CountSteps(),))
+    spec = dataclasses.replace(spec_for(job, tiny_checkpoint, out), step_hooks=(CountSteps(), kill))
     result = run_stage(spec)
-    killer.join()
-    assert killed, "no training worker was found to kill"
-    assert result.steps == 80
-    assert result.metrics["resumed_from"] > 0
+    assert (out / "killed").exists(), "no training worker was killed"
+    assert result.steps == 10
+    assert result.metrics["resumed_from"] == 4
     counts = [int(p.read_text()) for p in out.glob("count-*.txt")]
-    assert counts == [80, 80], counts
+    assert counts == [10, 10], counts
     from transformers import LlavaForConditionalGeneration
 
     LlavaForConditionalGeneration.from_pretrained(result.model_dir)
