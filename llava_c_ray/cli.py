@@ -30,10 +30,11 @@ def config_show(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from llava_c_ray.evaluate.report import run_report
-    from llava_c_ray.pipeline import run_job
+    from llava_c_ray.pipeline import default_run_dir, run_job
 
     job = load(args.job, args.overrides)
-    print(run_report(run_job(job, args.run_dir, force_new=args.force_new)))
+    results = run_job(job, args.run_dir, force_new=args.force_new)
+    print(run_report(results, args.run_dir or default_run_dir(job)))
     return 0
 
 
@@ -50,7 +51,7 @@ def demo(args: argparse.Namespace) -> int:
     """Build (or reuse) the built-in benchmark and base model, then run the packaged demo job."""
     from llava_c_ray.builtin import ensure_builtin
     from llava_c_ray.evaluate.report import comparison_table, run_report
-    from llava_c_ray.pipeline import run_job
+    from llava_c_ray.pipeline import default_run_dir, run_job
 
     methods = demo_methods(args)  # an unknown name fails here, before anything is built
     built = ensure_builtin(args.out / "builtin")
@@ -64,7 +65,7 @@ def demo(args: argparse.Namespace) -> int:
     runs = []
     for job in jobs:
         results = run_job(job, force_new=args.force_new)
-        print(run_report(results), flush=True)
+        print(run_report(results, default_run_dir(job)), flush=True)
         runs.append(results)
     if len(runs) > 1:
         print("\n" + comparison_table(runs))
@@ -77,7 +78,7 @@ def report(args: argparse.Namespace) -> int:
 
     runs = [load_results(path) for path in args.run_dirs]
     for path, results in zip(args.run_dirs, runs, strict=True):
-        print(run_report(results) + "\n")
+        print(run_report(results, path) + "\n")
         if results.accuracy_matrix:
             draw_run_plots(path, results)
     if len(runs) > 1:

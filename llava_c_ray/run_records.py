@@ -1,4 +1,5 @@
-"""The run directory's records as typed models: the manifest (per stage, per step) and the results.
+"""The run directory's records as typed models: the manifest (per stage, per step), the results
+and a stage's evaluation output (eval.json).
 
 The JSON they are saved as is the run directory's format (SPEC.md §4); reading one back validates
 it, so a field read by the pipeline or the report always exists with its type.
@@ -104,3 +105,33 @@ class Results(Record):
     metrics: dict[str, float | None] = Field(default_factory=dict)
     chance: dict[str, float | None] = Field(default_factory=dict)
     """Chance level of each task (and the probe), shown beside its scores."""
+
+
+class TaskRouting(Record):
+    """How a routed model (one that mixes experts per row) routed one evaluated task's questions."""
+
+    rows: int
+    mean_weights: list[float]
+    """The mean routing weight of each expert over the task's questions (the experts' order)."""
+    own_expert: float | None
+    """Percent of the questions whose largest weight is their own task's expert; None when no
+    expert was trained on the task (an unseen task, the general probe)."""
+
+
+class Routing(Record):
+    """eval.json's routing record: question's task × expert chosen."""
+
+    experts: list[str]
+    """The experts' names, each its task's (a multi-task stage's: its tasks joined by '+')."""
+    tasks: dict[str, TaskRouting]
+
+
+class EvalOutput(Record):
+    """A stage's eval.json: the scores (mean × 100 per task), every sample (prompt, prediction,
+    reference, score and, for a routed model, its routing weights) and the routing record."""
+
+    model: str
+    scores: dict[str, float]
+    samples: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    routing: Routing | None = None
+    """Only for a routed model."""

@@ -105,7 +105,7 @@ def fake_demo(monkeypatch, tiny_benchmark: Path, tiny_checkpoint: Path) -> list[
 
     monkeypatch.setattr("llava_c_ray.builtin.ensure_builtin", ensure_builtin)
     monkeypatch.setattr("llava_c_ray.pipeline.run_job", run_job)
-    monkeypatch.setattr("llava_c_ray.evaluate.report.run_report", lambda results: "")
+    monkeypatch.setattr("llava_c_ray.evaluate.report.run_report", lambda results, run_dir: "")
     monkeypatch.setattr("llava_c_ray.evaluate.report.comparison_table", lambda runs: "")
     return ran
 

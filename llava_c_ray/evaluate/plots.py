@@ -1,4 +1,5 @@
-"""PNG plots of a run: accuracy heatmap, per-task curves, general score, SAC spectra (matplotlib, Agg)."""
+"""PNG plots of a run: accuracy heatmap, per-task curves, general score, SAC spectra, α search,
+and a routed method's routing matrix per stage (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 import matplotlib
 
-from llava_c_ray.run_records import Results
+from llava_c_ray.evaluate.report import stage_routing
+from llava_c_ray.run_records import Results, Routing
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -104,6 +106,36 @@ def alpha_plot(search: dict[str, Any], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def routing_matrix(routing: Routing, path: Path, title: str) -> Path:
+    """Rows = the evaluated tasks (each labelled with its percent routed to its own expert),
+    columns = the experts, cells = the mean routing weight; the own expert's cell outlined."""
+    tasks = list(routing.tasks)
+    matrix = [routing.tasks[t].mean_weights for t in tasks]
+    fig, ax = plt.subplots(
+        figsize=(1.1 * len(routing.experts) + 3.5, 0.5 * len(tasks) + 1.8), squeeze=True
+    )
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(routing.experts)), routing.experts, rotation=30, ha="right")
+    labels = [
+        t if (own := routing.tasks[t].own_expert) is None else f"{t} ({own:.1f}% own)"
+        for t in tasks
+    ]
+    ax.set_yticks(range(len(tasks)), labels)
+    for i, (task, row) in enumerate(zip(tasks, matrix, strict=True)):
+        for j, value in enumerate(row):
+            colour = "white" if value > 0.6 else "black"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=8)
+            if task in routing.experts[j].split("+"):
+                ax.add_patch(
+                    plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5)
+                )
+    ax.set_xlabel("expert")
+    ax.set_ylabel("task of the question")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="mean routing weight")
+    return _save(fig, path)
+
+
 def draw_run_plots(run_dir: Path, results: Results) -> list[Path]:
     plots = run_dir / "plots"
     drawn = [
@@ -119,4 +151,7 @@ def draw_run_plots(run_dir: Path, results: Results) -> list[Path]:
         task = trials.parent.parent.name.split("-", 1)[1]
         search = json.loads(trials.read_text())
         drawn.append(alpha_plot(search, plots / f"alpha_{task}.png", f"α search — {task}"))
+    for stage, routing in stage_routing(run_dir):
+        title = f"routing after {stage} — {results.method}"
+        drawn.append(routing_matrix(routing, plots / f"routing_{stage}.png", title))
     return drawn

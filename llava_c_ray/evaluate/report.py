@@ -1,14 +1,17 @@
-"""Plain-text tables of a run's results and a side-by-side comparison of several runs."""
+"""Plain-text tables of a run's results and a side-by-side comparison of several runs; flags for
+tasks scored below chance; a routed method's routing (eval.json) read back per stage."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.run_records import Results
+from llava_c_ray.run_records import EvalOutput, Results, Routing
 
+R = TypeVar("R", bound=BaseModel)
 METRICS = ("avg", "last", "maa", "bwt", "forgetting", "general_final", "general_retention")
 
 
@@ -18,14 +21,26 @@ def load_results(run_dir: Path) -> Results:
         raise LlavaCError(
             "no results.json", path=run_dir, fix="pass a run directory written by `llava-c run`"
         )
+    return read_record(Results, path)
+
+
+def read_record(record: type[R], path: Path) -> R:
+    """A run record read back and validated; a file that is not one names itself."""
     try:
-        return Results.model_validate_json(path.read_text())
+        return record.model_validate_json(path.read_text())
     except ValidationError as exc:
         raise LlavaCError(
-            f"results.json is not a llava-c results file: {exc.errors()[0]['msg']}",
+            f"{path.name} is not a llava-c {record.__name__} record: {exc.errors()[0]['msg']}",
             path=path,
             fix="rerun `llava-c run` on the job to rewrite it",
         ) from None
+
+
+def stage_routing(run_dir: Path) -> list[tuple[str, Routing]]:
+    """(stage directory name, routing record) of every stage whose eval.json has one, in order."""
+    evals = sorted(Path(run_dir).glob("stages/*/eval.json"))
+    routed = [(path.parent.name, read_record(EvalOutput, path).routing) for path in evals]
+    return [(stage, routing) for stage, routing in routed if routing is not None]
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -60,10 +75,60 @@ def metrics_table(results: Results) -> str:
     return "  ".join(f"{m}={fmt(metrics.get(m), digits.get(m, 1))}" for m in METRICS)
 
 
-def run_report(results: Results) -> str:
+# A chance level is recorded to 2 decimals: a score within its rounding is at chance, not below.
+CHANCE_ROUNDING = 0.005
+
+
+def own_stage_row(results: Results, task: str) -> int | None:
+    """The accuracy-matrix row right after the stage that trained `task`: the stage named after
+    it, or the only training stage of a one-stage run (joint); None if not evaluated yet."""
+    if task in results.stages[1:]:
+        return results.stages.index(task, 1)
+    if results.finished and len(results.accuracy_matrix) == 2:
+        return 1
+    return None
+
+
+def below_chance(results: Results) -> list[str]:
+    """One line per task whose score right after its own stage is below its chance level."""
+    lines = []
+    for j, task in enumerate(results.tasks):
+        row, chance = own_stage_row(results, task), results.chance.get(task)
+        score = None if row is None else results.accuracy_matrix[row][j]
+        if score is not None and chance is not None and score < chance - CHANCE_ROUNDING:
+            lines.append(
+                f"BELOW CHANCE: {task} scores {fmt(score)} after its own stage "
+                f"({results.stages[row]}), chance {fmt(chance)}"
+            )
+    return lines
+
+
+def routing_table(routing: list[tuple[str, Routing]], tasks: list[str]) -> str:
+    """Rows = routed stages, columns = tasks: percent of the task's questions whose largest
+    routing weight is their own task's expert ('-': no expert for the task yet)."""
+    width = max(10, *(len(t) for t in tasks))
+    lines = [
+        "routed to own expert (% of each task's questions):",
+        f"{'after stage':<16}" + "".join(f"{t:>{width + 1}}" for t in tasks),
+    ]
+    for stage, record in routing:
+        own = [record.tasks[t].own_expert if t in record.tasks else None for t in tasks]
+        name = stage.split("-", 1)[-1]  # the stage's name, as in the accuracy matrix
+        lines.append(f"{name:<16}" + "".join(f"{fmt(v):>{width + 1}}" for v in own))
+    return "\n".join(lines)
+
+
+def run_report(results: Results, run_dir: Path | None = None) -> str:
+    """The accuracy matrix, metrics and below-chance flags; with `run_dir`, the routing of a
+    routed method's stages too."""
     title = f"{results.job} — method {results.method}"
     status = "" if results.finished else "  (unfinished)"
-    return f"{title}{status}\n{matrix_table(results)}\n{metrics_table(results)}"
+    parts = [f"{title}{status}", matrix_table(results), metrics_table(results)]
+    parts += below_chance(results)
+    routing = stage_routing(run_dir) if run_dir is not None else []
+    if routing:
+        parts.append(routing_table(routing, results.tasks))
+    return "\n".join(parts)
 
 
 def comparison_table(runs: list[Results]) -> str:

@@ -291,7 +291,8 @@ class HiDeSetup(ModelSetup):
 class RoutedHiDe(nn.Module):
     """A LLaVA model whose expanded layers mix the task experts per row, with the CLIP and the
     anchors that route each row. `forward` and `generate` take a LLaVA batch; the weights they
-    used are kept in `last_weights` (rows × tasks, the tasks' order in `tasks`)."""
+    used are kept in `last_weights` (rows × tasks, the tasks' order in `tasks`), which makes it
+    an `evaluate.evaluator.RoutedModel`: the evaluator records the routing per task."""
 
     def __init__(
         self,
@@ -316,6 +317,11 @@ class RoutedHiDe(nn.Module):
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def expert_names(self) -> list[str]:
+        """The columns of `last_weights` (the evaluator's `RoutedModel`): each expert's task."""
+        return self.tasks
 
     @torch.no_grad()
     def route(

@@ -225,6 +225,36 @@ def test_a_query_at_anchor_j_is_routed_to_expert_j(tiny_checkpoint: Path, two_st
     assert (weights.diagonal() > 0.5).all()
 
 
+def test_the_evaluator_records_the_routing_of_the_loaded_model(
+    tiny_benchmark: Path, two_stages, tmp_path: Path
+) -> None:
+    """The routed model is the evaluator's `RoutedModel`: each answered row's weights are those
+    `route` gives it, and eval.json's routing record sends each anchor row to its own expert."""
+    from llava_c_ray.evaluate.evaluator import (
+        EvalActor,
+        EvalTask,
+        RoutedModel,
+        batches,
+        evaluation_result,
+        task_queries,
+        write_eval,
+    )
+
+    _, _, second_dir, rows = two_stages
+    images = tiny_benchmark / "images"
+    tasks = [EvalTask(t, tiny_benchmark / t / "test.json", images, "exact") for t in TASKS[:2]]
+    work = batches([q for t in tasks for q in task_queries(t, 1)], 4)  # the anchors' rows
+    actor = EvalActor(str(second_dir), "vicuna_v1", load_hide_model)
+    assert isinstance(actor.model, RoutedModel) and actor.model.expert_names == list(TASKS[:2])
+    answered = [actor.answer_routed(b, 2) for b in work]
+    expected = actor.model.route(rows["input_ids"], rows["pixel_values"])
+    assert torch.allclose(torch.tensor([w for a in answered for w in a.weights]), expected)
+    write_eval(tmp_path / "eval.json", second_dir, evaluation_result(tasks, work, answered))
+    routing = json.loads((tmp_path / "eval.json").read_text())["routing"]
+    assert routing["experts"] == list(TASKS[:2])
+    assert [routing["tasks"][t]["own_expert"] for t in TASKS[:2]] == [100.0, 100.0]
+
+
 def test_rows_routed_differently_in_one_batch_equal_each_alone(two_stages) -> None:
     _, _, second_dir, rows = two_stages
     routed = load_hide_model(str(second_dir), torch.float32).eval()
@@ -365,6 +395,9 @@ def test_a_stage_on_ray_trains_its_expert_computes_anchors_and_evaluates(
     )
     assert len(evaluated.samples["icon_count"]) == 8
     assert 0.0 <= evaluated.scores["icon_count"] <= 100.0
+    routing = json.loads((tmp_path / "eval.json").read_text())["routing"]  # one expert: all of it
+    assert routing["experts"] == ["icon_count"]
+    assert routing["tasks"]["icon_count"] == {"rows": 8, "mean_weights": [1.0], "own_expert": 100.0}
 
 
 def test_the_7b_job_uses_the_authors_settings() -> None:
