@@ -353,7 +353,7 @@ class KillingHook(DumpingHook):
             and ray.train.get_context().get_world_rank() == 1
             and not marker.exists()
         ):
-            kill_once(marker, self.out.parent / "ray_train")
+            kill_once(marker, self.out.parent / "train" / "ray_train")  # llaca_spec: out/train
         return stats
 
 
