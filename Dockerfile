@@ -17,7 +17,9 @@ WORKDIR /home/ray/llava-c-ray
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users llava_c_ray ./llava_c_ray
 COPY --chown=ray:users jobs ./jobs
-RUN pip install --no-cache-dir . \
+# With the `eval` extra (lmms-eval, `--model llava_c`: docs/lmms-eval.md), resolved together with the
+# project so torch and the extra's torchvision==0.28.0 come as the pair it is built for (torch 2.13.0).
+RUN pip install --no-cache-dir ".[eval]" \
     && if [ "$FLASH_ATTN" = "1" ]; then pip install --no-cache-dir flash-attn --no-build-isolation; fi
 
 ENV HF_HUB_OFFLINE=0 \

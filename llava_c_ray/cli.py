@@ -86,6 +86,20 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_tasks(args: argparse.Namespace) -> int:
+    """Write a job's tasks and probe as lmms-eval tasks (local JSON, our scoring rule)."""
+    from llava_c_ray.evaluate.lmms_tasks import job_tag, write_lmms_tasks
+
+    job = load(args.job, args.overrides)
+    for path in write_lmms_tasks(job, args.out, overwrite=args.overwrite):
+        print(path)
+    print(
+        f"run: lmms-eval --model llava_c --model_args pretrained=CHECKPOINT "
+        f"--include_path {args.out} --tasks {job_tag(job)}"
+    )
+    return 0
+
+
 def train(args: argparse.Namespace) -> int:
     from llava_c_ray.pipeline import apply_skipped, check_job_data, standalone_stage_spec
     from llava_c_ray.train.stage import run_stage
@@ -257,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory (model/, adapter/)")
     add_verbose(p)
     p.set_defaults(handler=train)
+
+    evaluate = commands.add_parser("eval", help="evaluate with lmms-eval (docs/lmms-eval.md)")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
+    p = eval_commands.add_parser(
+        "tasks", help="write a job's tasks and probe as lmms-eval tasks (local JSON, our scoring)"
+    )
+    add_job_arguments(p)
+    p.add_argument("--out", required=True, type=Path, help="directory for lmms-eval --include_path")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a directory this command wrote"
+    )
+    p.set_defaults(handler=eval_tasks)
 
     consolidate_command.register(commands)
     search_command.register(commands)
