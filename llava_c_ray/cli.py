@@ -100,6 +100,14 @@ def eval_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def figure_alpha_curves(args: argparse.Namespace) -> int:
+    from llava_c_ray.search.alpha_curves import alpha_curves_figure
+
+    out = args.out or args.run_dirs[0] / "plots" / "alpha_curves.png"
+    print(f"wrote {alpha_curves_figure(args.run_dirs, out)}")
+    return 0
+
+
 def train(args: argparse.Namespace) -> int:
     from llava_c_ray.pipeline import apply_skipped, check_job_data, standalone_stage_spec
     from llava_c_ray.train.stage import run_stage
@@ -283,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a directory this command wrote"
     )
     p.set_defaults(handler=eval_tasks)
+
+    figure = commands.add_parser("figure", help="figures over runs")
+    figure_commands = figure.add_subparsers(dest="figure_command", required=True)
+    p = figure_commands.add_parser(
+        "alpha-curves",
+        help="new-task and probe score against α (SAC / ModelMix, ± UIR), first and last task",
+    )
+    p.add_argument("run_dirs", nargs="+", type=Path, help="run or search-alpha output directories")
+    p.add_argument("--out", type=Path, help="PNG (default: RUN_DIRS[0]/plots/alpha_curves.png)")
+    p.set_defaults(handler=figure_alpha_curves)
 
     consolidate_command.register(commands)
     search_command.register(commands)

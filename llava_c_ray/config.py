@@ -232,6 +232,10 @@ class SearchConfig(Section):
     """Early-stop weak candidates with ASHA over growing subset sizes."""
     objective: ObjectiveWeights = Field(default_factory=ObjectiveWeights)
     """Weights of new-task, old-task and general scores in the objective."""
+    general_floor: float | None = Field(default=None, ge=0, le=1)
+    """Keep the general probe at ≥ this fraction of the stage-start model's probe score (same
+    validation records): candidates below it rank after every candidate that keeps it, and among
+    themselves by probe score. None: the objective alone decides."""
     compare_modelmix: bool = False
     """Also score ModelMix at every α, for the α plot (the choice stays with the job's method)."""
     seed: int = 0
@@ -353,10 +357,12 @@ class JobConfig(Section):
                 raise ValueError(
                     f"search.enabled needs a `val` split for every task; missing for {missing}"
                 )
-        if weights.general > 0 and (self.general_probe is None or self.general_probe.val is None):
+        uses_probe = weights.general > 0 or self.search.general_floor is not None
+        if uses_probe and (self.general_probe is None or self.general_probe.val is None):
             raise ValueError(
-                "search.objective.general > 0 needs general_probe.val (a validation part of the "
-                "probe); add it or set search.objective.general=0"
+                "search.objective.general > 0 and search.general_floor need general_probe.val (a "
+                "validation part of the probe); add it, or set search.objective.general=0 and "
+                "search.general_floor=null"
             )
 
     @property

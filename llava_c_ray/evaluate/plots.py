@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -45,7 +45,7 @@ def heatmap(results: Results, path: Path) -> Path:
     ax.set_ylabel("after stage")
     ax.set_title(f"accuracy — {results.method}")
     fig.colorbar(image, ax=ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def task_curves(results: Results, path: Path) -> Path:
@@ -57,7 +57,7 @@ def task_curves(results: Results, path: Path) -> Path:
     ax.set_ylabel("score")
     ax.set_title(f"per-task score across stages — {results.method}")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def general_curve(results: Results, path: Path) -> Path:
@@ -66,7 +66,7 @@ def general_curve(results: Results, path: Path) -> Path:
     ax.set_xticks(range(len(results.general)), results.stages, rotation=30, ha="right")
     ax.set_ylabel("general probe score")
     ax.set_title(f"general ability — {results.method}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def spectra(stats_file: Path, path: Path, count: int = 4) -> Path | None:
@@ -81,7 +81,7 @@ def spectra(stats_file: Path, path: Path, count: int = 4) -> Path | None:
         ax.semilogy(t["sigma_tilde"], label="σ̃ (SAC)")
         ax.set_title(t["name"].split(".", 2)[-1][-32:], fontsize=8)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def alpha_plot(search: dict[str, Any], path: Path, title: str) -> Path:
@@ -103,7 +103,7 @@ def alpha_plot(search: dict[str, Any], path: Path, title: str) -> Path:
     ax.set_ylabel("validation score")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def routing_matrix(routing: Routing, path: Path, title: str) -> Path:
@@ -133,7 +133,7 @@ def routing_matrix(routing: Routing, path: Path, title: str) -> Path:
     ax.set_ylabel("task of the question")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="mean routing weight")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def draw_run_plots(run_dir: Path, results: Results) -> list[Path]:

@@ -4,7 +4,9 @@ Per stage the SVD factors are computed once (the consolidation engine's cache); 
 `SearchActor`s loads θ̃_{t-1} once each; every trial takes an actor from the pool, has it apply
 θ̃(α) and answer a small validation subset of the new, old and general tasks, and reports the
 weighted objective (`search.objective`). With `search.asha` the subset grows over three rungs and
-ASHA stops weak α early. The best α is the argmax of the recorded objective.
+ASHA stops weak α early. The best α is the argmax of the recorded objective; with
+`search.general_floor` the stage-start model's probe score is measured first (ModelMix at α = 0 is
+θ̃_{t-1} exactly) and candidates below floor × that score rank after those above it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ from llava_c_ray.data.scoring import score
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.evaluate.evaluator import EvalTask, ModelLoader, Query, load_hf_model, task_queries
 from llava_c_ray.files import write_json_atomic
-from llava_c_ray.search.objective import best_trial, group_means, objective, subset_rungs
+from llava_c_ray.search.objective import (
+    best_trial,
+    general_threshold,
+    group_means,
+    keeps_floor,
+    objective,
+    subset_rungs,
+)
 
 GENERAL = "general_probe"
+STAGE_START = (0.0, "modelmix")
+"""(α, rule) of the candidate that is the stage-start model θ̃_{t-1} itself: W̃ = W̃_{t-1} + 0·Δ."""
 TRIAL_CPU = 0.05
 """A trial only waits on an actor; the actors hold the CPUs/GPUs that do the work. On CPUs an
 actor reserves the rest of its core, so each concurrent (trial, actor) pair takes one CPU."""
@@ -46,6 +57,10 @@ class SearchResult:
     best_alpha: float
     trials: list[dict[str, Any]]
     experiment_path: Path
+    general_reference: float | None = None
+    """The stage-start model's probe score on the search's records (with a general floor)."""
+    general_threshold: float | None = None
+    """general_floor × general_reference: the probe score a candidate had to keep."""
 
 
 @dataclass
@@ -94,15 +109,45 @@ def search_alpha(
     ensure_ray()
     actors = start_actors(job, base, factors, loader)
     try:
+        reference = stage_start_general(job, plan, actors[0])
         results = run_tuner(job, plan, actors, out)
     finally:
         for actor in actors:
             ray.kill(actor)
+    threshold = general_threshold(reference, job.search.general_floor)
     trials = sorted((trial_record(r.metrics) for r in results), key=lambda t: t["alpha"])
-    best = best_trial(trials)
-    result = SearchResult(best["alpha"], trials, Path(results.experiment_path))
-    write_trials(out / "trials.json", job, rule, result)
+    if threshold is not None:
+        for trial in trials:
+            trial["keeps_floor"] = keeps_floor(trial, threshold)
+    best = best_trial(trials, threshold)
+    result = SearchResult(
+        best["alpha"], trials, Path(results.experiment_path), reference, threshold
+    )
+    write_trials(out / "trials.json", job, rule, result, new, old)
+    print(choice_line(new, best, threshold), flush=True)
     return result
+
+
+def stage_start_general(job: JobConfig, plan: SearchPlan, actor) -> float | None:
+    """The probe score of θ̃_{t-1} on the search's probe records, when a general floor needs it."""
+    if job.search.general_floor is None or not plan.groups["general"]:
+        return None
+    queries = plan.queries[GENERAL][: plan.rungs[-1]]
+    tally = Tally()
+    tally.add(queries, answers(actor, *STAGE_START, queries, plan), plan.scoring)
+    return tally.scores()[GENERAL]
+
+
+def choice_line(new: list[str], best: dict[str, Any], threshold: float | None) -> str:
+    """One line naming the chosen α and its validation scores, e.g. for the pipeline's log."""
+    scores = "  ".join(
+        f"{g} {best[g]:.1f}" for g in ("new", "old", "general") if best.get(g) is not None
+    )
+    floor = ""
+    if threshold is not None:
+        kept = "kept" if best.get("keeps_floor", True) else "no candidate kept"
+        floor = f"  (probe floor {threshold:.1f} {kept})"
+    return f"α search {'+'.join(new)}: chose α = {best['alpha']:g}  {scores}{floor}"
 
 
 def check_weights(groups: dict[str, list[str]], weights: dict[str, float]) -> None:
@@ -124,7 +169,8 @@ def search_plan(job: JobConfig, new: list[str], old: list[str], rule: str) -> Se
     evals = [EvalTask(t.name, t.val, t.image_folder, t.scoring, t.instruction) for t in tasks]
     groups = {"new": list(new), "old": list(old), "general": []}
     probe = job.general_probe
-    if s.objective.general > 0 and probe is not None and probe.val is not None:
+    wants_probe = s.objective.general > 0 or s.general_floor is not None
+    if wants_probe and probe is not None and probe.val is not None:
         evals.append(EvalTask(GENERAL, probe.val, probe.image_folder, probe.scoring))
         groups["general"] = [GENERAL]
     queries = {e.name: task_queries(e, s.subset_size) for e in evals}
@@ -265,15 +311,20 @@ def run_trial(config: dict, *, plan: SearchPlan, pool) -> None:
 
 def ask(pool, alpha: float, rule: str, queries: list[Query], plan: SearchPlan) -> dict:
     """Lease an actor from the pool for one candidate's answers."""
-    import ray
-
     actor = pool.get()
     try:
-        return ray.get(
-            actor.score_candidate.remote(alpha, rule, queries, plan.max_new_tokens, plan.batch_size)
-        )
+        return answers(actor, alpha, rule, queries, plan)
     finally:
         pool.put(actor)
+
+
+def answers(actor, alpha: float, rule: str, queries: list[Query], plan: SearchPlan) -> dict:
+    """One actor's answers of θ̃(α) under `rule` to `queries` (the actor's `score_candidate`)."""
+    import ray
+
+    return ray.get(
+        actor.score_candidate.remote(alpha, rule, queries, plan.max_new_tokens, plan.batch_size)
+    )
 
 
 def trial_metrics(alpha: float, rung: int, tallies: dict[str, Tally], plan: SearchPlan) -> dict:
@@ -301,13 +352,21 @@ def trial_record(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in keep if k in metrics}
 
 
-def write_trials(path: Path, job: JobConfig, rule: str, result: SearchResult) -> None:
+def write_trials(
+    path: Path, job: JobConfig, rule: str, result: SearchResult, new: list[str], old: list[str]
+) -> None:
     write_json_atomic(
         path,
         {
             "best_alpha": result.best_alpha,
             "rule": rule,
+            "method": job.method.name,
+            "new": new,
+            "old": old,
             "objective": job.search.objective.model_dump(),
+            "general_floor": job.search.general_floor,
+            "general_reference": result.general_reference,
+            "general_threshold": result.general_threshold,
             "experiment": str(result.experiment_path),
             "trials": result.trials,
         },

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llava_c_ray.search.objective import best_trial, group_means, objective, subset_rungs
+from llava_c_ray.config import job_from_dict
+from llava_c_ray.errors import LlavaCError
+from llava_c_ray.search.objective import (
+    best_trial,
+    general_threshold,
+    group_means,
+    keeps_floor,
+    objective,
+    subset_rungs,
+)
 
 score = st.floats(min_value=0, max_value=100)
 weight = st.floats(min_value=0, max_value=10)
@@ -62,3 +73,104 @@ def test_trials_stopped_early_are_not_chosen() -> None:
         {"alpha": 0.5, "objective": 30.0, "rung": 4},
     ]
     assert best_trial(trials)["alpha"] == 0.2
+
+
+alpha = st.sampled_from([0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0])
+trial_lists = st.lists(
+    st.builds(
+        lambda a, o, g: {"alpha": a, "objective": o, "general": g, "rung": 4}, alpha, score, score
+    ),
+    min_size=1,
+)
+
+
+@given(trial_lists, st.floats(min_value=0, max_value=100))
+def test_a_floor_kept_by_some_candidate_is_kept_by_the_choice(trials, threshold) -> None:
+    best = best_trial(trials, threshold)
+    keeping = [t for t in trials if keeps_floor(t, threshold)]
+    if keeping:
+        assert keeps_floor(best, threshold)
+        assert best["objective"] == max(t["objective"] for t in keeping)
+    else:  # nobody keeps it: the least damaging candidate
+        assert best["general"] == max(t["general"] for t in trials)
+
+
+@given(trial_lists, st.floats(min_value=0, max_value=100))
+def test_a_floor_never_buys_a_higher_objective(trials, threshold) -> None:
+    assert best_trial(trials, threshold)["objective"] <= best_trial(trials)["objective"]
+
+
+@given(trial_lists)
+def test_a_zero_floor_or_none_is_the_plain_argmax(trials) -> None:
+    assert best_trial(trials, 0.0) == best_trial(trials, None) == best_trial(trials)
+
+
+@given(trial_lists, st.floats(min_value=0, max_value=100))
+def test_ties_under_a_floor_go_to_the_smaller_alpha(trials, threshold) -> None:
+    best = best_trial(trials, threshold)
+    same = [
+        t
+        for t in trials
+        if keeps_floor(t, threshold) == keeps_floor(best, threshold)
+        and t["objective" if keeps_floor(best, threshold) else "general"]
+        == best["objective" if keeps_floor(best, threshold) else "general"]
+    ]
+    assert best["alpha"] == min(t["alpha"] for t in same)
+
+
+def test_the_floor_is_a_fraction_of_the_stage_start_probe() -> None:
+    assert general_threshold(80.0, 0.9) == pytest.approx(72.0)
+    assert general_threshold(None, 0.9) is None  # no probe at this stage
+    assert general_threshold(80.0, None) is None  # no floor set
+    assert keeps_floor({"general": None}, 50.0)  # nothing to hold a candidate to
+    assert keeps_floor({"general": 71.9999999999}, 72.0)  # float noise is not a violation
+
+
+def test_the_floor_outranks_the_objective() -> None:
+    trials = [
+        {"alpha": 0.2, "objective": 40.0, "general": 85.0, "rung": 4},
+        {"alpha": 0.5, "objective": 60.0, "general": 70.0, "rung": 4},
+        {"alpha": 1.0, "objective": 55.0, "general": 40.0, "rung": 4},
+    ]
+    assert best_trial(trials)["alpha"] == 0.5
+    assert best_trial(trials, 0.9 * 80.0)["alpha"] == 0.2
+    assert best_trial(trials, 0.8 * 80.0)["alpha"] == 0.5
+    assert best_trial(trials, 90.0)["alpha"] == 0.2  # none keeps it: the highest probe
+
+
+def floor_job(root: Path, floor, probe_val: bool = True):
+    for name in ("a.json", "v.json", "t.json", "probe.json", "probe_val.json"):
+        (root / name).write_text("[]")
+    probe = {"path": str(root / "probe.json")}
+    if probe_val:
+        probe["val"] = str(root / "probe_val.json")
+    task = {
+        "name": "a",
+        "train": str(root / "a.json"),
+        "val": str(root / "v.json"),
+        "test": str(root / "t.json"),
+    }
+    return job_from_dict(
+        {
+            "tasks": [task],
+            "general_probe": probe,
+            "search": {
+                "enabled": True,
+                "general_floor": floor,
+                "objective": {"new": 1, "old": 1, "general": 0},
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("floor", [-0.1, 1.5, float("nan")])
+def test_a_floor_outside_zero_one_fails_at_load_time(tmp_path: Path, floor) -> None:
+    with pytest.raises(LlavaCError, match="general_floor"):
+        floor_job(tmp_path, floor)
+
+
+def test_a_floor_needs_the_probe_validation_split(tmp_path: Path) -> None:
+    assert floor_job(tmp_path, 0.9).search.general_floor == 0.9
+    with pytest.raises(LlavaCError, match="general_floor"):
+        floor_job(tmp_path, 0.9, probe_val=False)
+    assert floor_job(tmp_path, None, probe_val=False).search.general_floor is None

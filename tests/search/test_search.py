@@ -48,17 +48,21 @@ def search_first_task(job, base: Path, root: Path, name: str):
 def grid_search(ray_cluster, tiny_benchmark, tiny_checkpoint, tiny_tuned_pair, tmp_path_factory):
     job = tiny_job(tiny_benchmark, tiny_checkpoint, compare_modelmix=True)
     root = tmp_path_factory.mktemp("search")
+    return job, root, search_second_task(job, tiny_checkpoint, tiny_tuned_pair[0], root)
+
+
+def search_second_task(job, base: Path, adapter: Path, root: Path):
+    """A search for stage 2 (the first task is old) of `adapter` trained from `base`."""
     names = [t.name for t in job.tasks]
-    result = search_alpha(
+    return search_alpha(
         job,
         new=names[1:2],
         old=names[:1],
-        base=tiny_checkpoint,
+        base=base,
         factors=root / "factors",
         out=root / "search",
-        adapter=tiny_tuned_pair[0],
+        adapter=adapter,
     )
-    return job, root, result
 
 
 def test_grid_runs_through_tune_and_picks_the_argmax(grid_search) -> None:
@@ -206,3 +210,29 @@ def test_random_and_optuna_samplers_draw_alpha_within_the_bounds(
         result.best_alpha
         == max(result.trials, key=lambda t: (t["objective"], -t["alpha"]))["alpha"]
     )
+
+
+def test_a_general_floor_ranks_by_the_stage_start_probe(
+    ray_cluster, tiny_benchmark, tiny_checkpoint, tiny_tuned_pair, tmp_path
+) -> None:
+    """The reference is θ̃_{t-1}'s probe score (= ModelMix at α = 0 on the same records); every
+    trial is marked against floor × it, and the choice is `best_trial` under that threshold."""
+    from llava_c_ray.search.objective import best_trial
+
+    job = tiny_job(
+        tiny_benchmark,
+        tiny_checkpoint,
+        compare_modelmix=True,
+        general_floor=0.9,
+        objective={"new": 1, "old": 1, "general": 0},
+    )
+    result = search_second_task(job, tiny_checkpoint, tiny_tuned_pair[0], tmp_path)
+    saved = json.loads((tmp_path / "search" / "trials.json").read_text())
+    at_zero = next(t for t in saved["trials"] if t["alpha"] == 0.0)
+    assert saved["general_reference"] == pytest.approx(at_zero["modelmix"]["general"])
+    assert saved["general_threshold"] == pytest.approx(0.9 * saved["general_reference"])
+    for trial in saved["trials"]:
+        assert trial["keeps_floor"] == (trial["general"] >= saved["general_threshold"] - 1e-9)
+        assert trial["objective"] == pytest.approx((trial["new"] + trial["old"]) / 2)
+    chosen = best_trial(saved["trials"], saved["general_threshold"])["alpha"]
+    assert result.best_alpha == saved["best_alpha"] == chosen
