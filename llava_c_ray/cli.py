@@ -50,7 +50,7 @@ def demo_methods(args: argparse.Namespace) -> list[str | None]:
 def demo(args: argparse.Namespace) -> int:
     """Build (or reuse) the built-in benchmark and base model, then run the packaged demo job."""
     from llava_c_ray.builtin import ensure_builtin
-    from llava_c_ray.evaluate.report import comparison_table, run_report
+    from llava_c_ray.evaluate.report import comparison_table, run_report, seed_table
     from llava_c_ray.pipeline import default_run_dir, run_job
 
     methods = demo_methods(args)  # an unknown name fails here, before anything is built
@@ -60,16 +60,32 @@ def demo(args: argparse.Namespace) -> int:
         f"model.path={built.base_model}",
         f"storage.path={args.out}",
     ]
-    chosen = [[f"method.name={m}", f"name=demo-{m}"] if m else [] for m in methods]
+    chosen = [
+        [
+            *([f"method.name={m}", f"name=demo-{m}"] if m else []),
+            *seed_overrides(m, seed, args.seeds),
+        ]
+        for m in methods
+        for seed in range(args.seeds)
+    ]
     jobs = [load(args.job, [*paths, *c, *args.overrides]) for c in chosen]  # all checked first
     runs = []
     for job in jobs:
         results = run_job(job, force_new=args.force_new)
         print(run_report(results, default_run_dir(job)), flush=True)
         runs.append(results)
-    if len(runs) > 1:
+    if args.seeds > 1:
+        print("\n" + seed_table(runs))
+    elif len(runs) > 1:
         print("\n" + comparison_table(runs))
     return 0
+
+
+def seed_overrides(method: str | None, seed: int, seeds: int) -> list[str]:
+    """With --seeds N > 1, run i of a method trains with seed i in its own run directory."""
+    if seeds == 1:
+        return []
+    return [f"training.seed={seed}", f"name=demo-{method or 'job'}-s{seed}"]
 
 
 def report(args: argparse.Namespace) -> int:
@@ -259,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--methods", metavar="A,B,...", help="run these methods (comma-separated) and compare them"
+    )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run each method with training seeds 0..N-1; the table shows mean ± std over them",
     )
     p.add_argument(
         "--force-new", action="store_true", help="move an existing run of another config aside"

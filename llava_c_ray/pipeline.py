@@ -350,7 +350,7 @@ def search_step(pipe: Pipeline, stage: Stage, start_model: Path, trained: TrainR
         seconds=time.time() - started,
     )
     pipe.run.record(stage.index, record)
-    say(pipe, stage, f"α search: α = {result.best_alpha:g} in {record.seconds:.0f} s")
+    say(pipe, stage, f"α search in {record.seconds:.0f} s chose {result.choice}")
     return result.best_alpha
 
 

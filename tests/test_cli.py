@@ -107,6 +107,7 @@ def fake_demo(monkeypatch, tiny_benchmark: Path, tiny_checkpoint: Path) -> list[
     monkeypatch.setattr("llava_c_ray.pipeline.run_job", run_job)
     monkeypatch.setattr("llava_c_ray.evaluate.report.run_report", lambda results, run_dir: "")
     monkeypatch.setattr("llava_c_ray.evaluate.report.comparison_table", lambda runs: "")
+    monkeypatch.setattr("llava_c_ray.evaluate.report.seed_table", lambda runs: "")
     return ran
 
 
@@ -126,6 +127,16 @@ def test_demo_methods_selects_and_plain_demo_runs_the_jobs_method(fake_demo, tmp
     fake_demo.clear()
     assert main(["demo", "--out", str(tmp_path)]) == 0
     assert [(job.name, job.method.name) for job in fake_demo] == [("demo", "llava_c")]
+
+
+def test_demo_seeds_runs_each_method_once_per_seed_in_its_own_run(fake_demo, tmp_path) -> None:
+    assert main(["demo", "--methods", "sac,finetune", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    assert [(job.name, job.method.name, job.training.seed) for job in fake_demo] == [
+        ("demo-sac-s0", "sac", 0),
+        ("demo-sac-s1", "sac", 1),
+        ("demo-finetune-s0", "finetune", 0),
+        ("demo-finetune-s1", "finetune", 1),
+    ]
 
 
 def test_demo_unknown_method_fails_before_any_work(monkeypatch, tmp_path, capsys) -> None:

@@ -144,3 +144,65 @@ def comparison_table(runs: list[Results]) -> str:
             + "".join(f"{fmt(metrics.get(m), digits.get(m, 1)):>18}" for m in METRICS)
         )
     return "\n".join(lines)
+
+
+def seed_table(runs: list[Results]) -> str:
+    """One row per method over its seeds: each metric's mean ± sample std (n = the runs of that
+    method), then each method's Avg and retention against the first method's, called "within
+    noise" when the difference is under two standard errors, √(s₁²/n₁ + s₂²/n₂)."""
+    by_method: dict[str, list[Results]] = {}
+    for results in runs:
+        by_method.setdefault(results.method, []).append(results)
+    width = max(12, *(len(m) + 2 for m in by_method))
+    lines = [f"{'method':<{width}}{'seeds':>6}" + "".join(f"{m:>18}" for m in METRICS)]
+    stats = {
+        m: {k: spread(r.metrics.get(k) for r in rs) for k in METRICS} for m, rs in by_method.items()
+    }
+    for method, rs in by_method.items():
+        cells = "".join(
+            f"{pm(stats[method][k], 3 if k == 'general_retention' else 1):>18}" for k in METRICS
+        )
+        lines.append(f"{method:<{width}}{len(rs):>6}{cells}")
+    first, *others = by_method
+    for method in others:
+        lines.append(
+            f"{method} vs {first}: "
+            + "; ".join(
+                difference(stats[method][k], stats[first][k], k)
+                for k in ("avg", "general_retention")
+            )
+        )
+    return "\n".join(lines)
+
+
+Spread = tuple[float, float, int] | None
+"""Mean, sample standard deviation and count of a metric over seeds (None: no values)."""
+
+
+def spread(values) -> Spread:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    mean = sum(present) / len(present)
+    var = sum((v - mean) ** 2 for v in present) / (len(present) - 1) if len(present) > 1 else 0.0
+    return mean, var**0.5, len(present)
+
+
+def pm(value: Spread, digits: int) -> str:
+    """`23.4 ± 1.2` (a single seed: the mean alone)."""
+    if value is None:
+        return "-"
+    mean, std, n = value
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+
+
+def difference(a: Spread, b: Spread, metric: str) -> str:
+    if a is None or b is None:
+        return f"{metric} -"
+    delta = a[0] - b[0]
+    noise = 2 * (a[1] ** 2 / a[2] + b[1] ** 2 / b[2]) ** 0.5
+    digits = 3 if metric == "general_retention" else 1
+    if min(a[2], b[2]) < 2:
+        return f"{metric} {delta:+.{digits}f} (one seed: noise unknown)"
+    verdict = "within noise" if abs(delta) < noise else "beyond noise"
+    return f"{metric} {delta:+.{digits}f} (2 SE {noise:.{digits}f}: {verdict})"

@@ -76,5 +76,5 @@ def run_search_alpha(args: argparse.Namespace) -> int:
         out / f"alpha_{args.task}.png",
         f"α search — {args.task}",
     )
-    print(f"best α = {result.best_alpha} (trials: {out / 'trials.json'}, plot: {plot})")
+    print(f"best {result.choice} (trials: {out / 'trials.json'}, plot: {plot})")
     return 0

@@ -61,6 +61,8 @@ class SearchResult:
     """The stage-start model's probe score on the search's records (with a general floor)."""
     general_threshold: float | None = None
     """general_floor × general_reference: the probe score a candidate had to keep."""
+    choice: str = ""
+    """The chosen α and its validation scores in one line (`choice_line`)."""
 
 
 @dataclass
@@ -121,10 +123,14 @@ def search_alpha(
             trial["keeps_floor"] = keeps_floor(trial, threshold)
     best = best_trial(trials, threshold)
     result = SearchResult(
-        best["alpha"], trials, Path(results.experiment_path), reference, threshold
+        best["alpha"],
+        trials,
+        Path(results.experiment_path),
+        reference,
+        threshold,
+        choice_line(new, best, threshold),
     )
     write_trials(out / "trials.json", job, rule, result, new, old)
-    print(choice_line(new, best, threshold), flush=True)
     return result
 
 
@@ -139,7 +145,7 @@ def stage_start_general(job: JobConfig, plan: SearchPlan, actor) -> float | None
 
 
 def choice_line(new: list[str], best: dict[str, Any], threshold: float | None) -> str:
-    """One line naming the chosen α and its validation scores, e.g. for the pipeline's log."""
+    """`α = 0.35: new 34.4  old 25.0  general 68.1  (probe floor 66.6 kept)`."""
     scores = "  ".join(
         f"{g} {best[g]:.1f}" for g in ("new", "old", "general") if best.get(g) is not None
     )
@@ -147,7 +153,7 @@ def choice_line(new: list[str], best: dict[str, Any], threshold: float | None) -
     if threshold is not None:
         kept = "kept" if best.get("keeps_floor", True) else "no candidate kept"
         floor = f"  (probe floor {threshold:.1f} {kept})"
-    return f"α search {'+'.join(new)}: chose α = {best['alpha']:g}  {scores}{floor}"
+    return f"α = {best['alpha']:g}: {scores}{floor}"
 
 
 def check_weights(groups: dict[str, list[str]], weights: dict[str, float]) -> None:

@@ -126,3 +126,34 @@ def test_an_eval_json_that_is_not_one_names_its_file(tmp_path: Path) -> None:
     bad.write_text('{"model": "m", "scores": {"a": "high"}}')
     with pytest.raises(LlavaCError, match="eval.json"):
         stage_routing(tmp_path)
+
+
+def test_the_seed_table_gives_mean_and_std_and_calls_small_differences_noise() -> None:
+    from llava_c_ray.evaluate.report import seed_table
+
+    def run(method: str, avg: float, retention: float) -> Results:
+        metrics = {"avg": avg, "general_retention": retention}
+        return Results(
+            job="j",
+            method=method,
+            tasks=["a"],
+            stages=[],
+            accuracy_matrix=[],
+            general=[],
+            finished=True,
+            metrics=metrics,
+        )
+
+    runs = [run("finetune", a, 0.0) for a in (10.0, 12.0, 14.0)]
+    runs += [run("sac", a, r) for a, r in ((13.0, 0.5), (14.0, 0.6), (15.0, 0.7))]
+    runs += [run("joint", 40.0, 0.1)]
+    table = seed_table(runs).splitlines()
+    assert table[1].split()[:5] == ["finetune", "3", "12.0", "±", "2.0"]
+    assert table[2].split()[:5] == ["sac", "3", "14.0", "±", "1.0"]
+    assert table[3].split()[:3] == ["joint", "1", "40.0"]
+    # Δavg = 2.0 < 2·√(1/3 + 4/3) = 2.58: noise; Δretention = 0.6 > 2·√(0.01/3) = 0.115: beyond
+    assert table[4] == (
+        "sac vs finetune: avg +2.0 (2 SE 2.6: within noise); "
+        "general_retention +0.600 (2 SE 0.115: beyond noise)"
+    )
+    assert "one seed: noise unknown" in table[5]
