@@ -33,6 +33,7 @@ OVERRIDE_COMMANDS = {
         *("--task", "t", "b=2", "--out", "o"),
     ],
     ("config", "show"): ["config", "show", "job.yaml", "a=1", "--no-check-files", "b=2"],
+    ("eval", "tasks"): ["eval", "tasks", "job.yaml", "a=1", "--out", "o", "b=2", "--overwrite"],
 }
 
 

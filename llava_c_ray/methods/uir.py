@@ -23,7 +23,10 @@ def reference_hidden(
     (the inquiries are text): its `last_hidden_state` is the full model's `hidden_states[-1]`,
     without the LM head's logits over the vocabulary."""
     with stage_start_model(model) as base:
-        return base.model.language_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        outputs = base.model.language_model(
+            input_ids=input_ids, attention_mask=mask, use_cache=False
+        )
+        return outputs.last_hidden_state
 
 
 @dataclass
@@ -43,10 +46,16 @@ class UIRTerm(LossTerm):
 
 def inquiry_states(forward: ForwardPass) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(final hidden states of the trained model, of the stage-start model, attention mask) on
-    the micro-batch's inquiry rows."""
+    the micro-batch's inquiry rows, up to their last valid token.
+
+    The rows are padded to the longest training row, their packed inquiries are often much
+    shorter: the reference pass runs on the valid width only (right padding, causal attention:
+    the cut columns change no valid token's state, and the mask excludes them from the loss)."""
     ids, mask = forward.inquiries()
+    width = int(mask.any(0).nonzero().max()) + 1
+    ids, mask = ids[:, :width], mask[:, :width]
     reference = reference_hidden(forward.model, ids, mask)
-    return forward.outputs.hidden_states[-1][-forward.inquiry_rows :], reference, mask
+    return forward.final_hidden[-forward.inquiry_rows :, :width], reference, mask
 
 
 def uir_training(ctx: StageContext) -> TrainingParts:

@@ -34,17 +34,57 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def llava_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / DeepSpeed / peft wrappers."""
+    inner = unwrap(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 @contextlib.contextmanager
 def stage_start_model(model: nn.Module) -> Iterator[nn.Module]:
     """The stage-start model θ̃_{t-1} without a second copy: the peft model with its adapters
     (and `modules_to_save` copies, e.g. the projector) disabled, in no-grad mode."""
-    inner = unwrap(model)
-    disabled = (
-        inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
+    with torch.no_grad(), adapters_disabled(unwrap(model)):
+        yield llava_model(model)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """peft's adapters switched off inside the block (a model without adapters is left as it is).
+
+    The tuner's own `disable_adapter_layers` rather than `PeftModel.disable_adapter()`: that one
+    first surveys the model (`get_model_status` counts every parameter and inspects every adapter
+    layer), a cost on every micro-step that UIR and LwF pay for the same switch."""
+    tuner = getattr(model, "base_model", None)
+    if not hasattr(model, "disable_adapter"):
+        yield
+    elif not hasattr(tuner, "disable_adapter_layers"):  # prompt learning: no layers to switch
+        with model.disable_adapter():
+            yield
+    else:
+        tuner.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            tuner.enable_adapter_layers()
+
+
+@contextlib.contextmanager
+def final_hidden_states(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The language model's final hidden states (its `last_hidden_state`, which is the full
+    model's `hidden_states[-1]`) of every forward inside the block, appended to the yielded list.
+
+    One tensor the forward computes anyway, instead of `output_hidden_states=True`, which keeps
+    every layer of both towers (the frozen vision tower's too) until the loss is computed."""
+    recorded: list[torch.Tensor] = []
+    language_model = llava_model(model).model.language_model
+    handle = language_model.register_forward_hook(
+        lambda _module, _args, output: recorded.append(output.last_hidden_state)
     )
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    with torch.no_grad(), disabled:
-        yield base
+    try:
+        yield recorded
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -53,8 +93,8 @@ class ForwardPass:
 
     The last `inquiry_rows` rows of `inputs` are unlabeled text inquiries (when some term asked for
     them); `outputs.logits` holds the LM head's logits only where `keep` is true (the positions
-    whose next token is an answer token), flattened in row-major order; `outputs.hidden_states`
-    is there when some term asked for it.
+    whose next token is an answer token), flattened in row-major order; `hidden` holds the
+    language model's final hidden states when some term asked for them.
     """
 
     model: nn.Module
@@ -62,6 +102,13 @@ class ForwardPass:
     outputs: Any
     keep: torch.Tensor
     inquiry_rows: int
+    hidden: torch.Tensor | None = None
+
+    @property
+    def final_hidden(self) -> torch.Tensor:
+        """Final-layer hidden states (rows, tokens, d): `hidden`, or the last of
+        `outputs.hidden_states` when the forward was run with `output_hidden_states=True`."""
+        return self.hidden if self.hidden is not None else self.outputs.hidden_states[-1]
 
     def inquiries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of the inquiry rows."""
@@ -84,7 +131,7 @@ class LossTerm:
     needs_inquiries: bool = False
     """Append packed unlabeled inquiry rows (the job's `inquiry` set) to every micro-batch."""
     needs_hidden_states: bool = False
-    """Return the hidden states of every layer from the forward."""
+    """Record the language model's final hidden states in the forward (`ForwardPass.hidden`)."""
     weight: float = 1.0
 
     def setup(self, model: nn.Module) -> None:

@@ -10,6 +10,7 @@ gradient-carrying forward with the training rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -24,7 +25,13 @@ from llava_c_ray.data.template import IGNORE_INDEX
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.model.keys import parameter_names
 from llava_c_ray.model.safetensors_io import LazyCheckpoint
-from llava_c_ray.train.hooks import ForwardPass, LossTerm, StepHook, unwrap
+from llava_c_ray.train.hooks import (
+    ForwardPass,
+    LossTerm,
+    StepHook,
+    final_hidden_states,
+    unwrap,
+)
 
 
 class NonFiniteLoss(LlavaCError):
@@ -85,15 +92,14 @@ class StageTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inquiry_rows = int(inputs.pop("inquiry_rows", 0))
         keep, targets = loss_positions(inputs["labels"])
-        outputs = model(
-            **inputs,
-            logits_to_keep=keep,
-            shift_labels=targets,
-            output_hidden_states=self.hidden_states,
-        )
+        recording = final_hidden_states(model) if self.hidden_states else contextlib.nullcontext([])
+        with recording as hidden:
+            outputs = model(**inputs, logits_to_keep=keep, shift_labels=targets)
         loss = outputs.loss
         self.sums["llava_loss"] += loss.item()
-        forward = ForwardPass(model, inputs, outputs, keep, inquiry_rows)
+        forward = ForwardPass(
+            model, inputs, outputs, keep, inquiry_rows, hidden[0] if hidden else None
+        )
         for term in self.losses:
             value = term(forward)
             if value is not None:
