@@ -288,7 +288,9 @@ class ClusterConfig(Section):
 class StorageConfig(Section):
     path: str = "runs"
     """Where run directories go: a local path, NFS mount, or s3:// / gs:// URI."""
-    local_cache: Path = Field(default=Path("runs-cache"), validate_default=True)
+    local_cache: Path = Field(
+        default=Path("runs-cache"), validate_default=True, json_schema_extra=RESULT_NEUTRAL
+    )
     """With a URI `path`: the local working copy of the run directory, mirrored to the URI after
     every step (and fetched from it to resume on a new machine)."""
 

@@ -60,7 +60,10 @@ def test_result_neutral_keys_resume_under_the_new_config(tmp_path: Path) -> None
     lines = config.read_text().splitlines(keepends=True)
     older = ("log_every", "group_by_length")  # keys an older llava-c did not write
     config.write_text("".join(line for line in lines if not any(k in line for k in older)))
-    job = make_job(training={"log_every": 5, "prefetch_batches": 4})
+    job = make_job(
+        training={"log_every": 5, "prefetch_batches": 4},
+        storage={"local_cache": str(tmp_path / "another-cache")},  # resolved per checkout
+    )
     again = open_run_dir(tmp_path / "run", job)
     assert again.stage(0).steps.train == trained()
     assert again.manifest.config_hash == job.hash()
