@@ -157,6 +157,8 @@ def test_ray_job_submit_runs_the_smoke_job(
         time.sleep(5)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "succeeded" in done.stdout
+    # The run's console: its own lines, not Ray Tune's trial tables (those stay in the run dir).
+    assert "training_iteration" not in done.stdout and "α search in" in done.stdout
     results = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert results["finished"] and results["tasks"] == ["icon_count", "attributes"]
     assert len(results["accuracy_matrix"]) == 3

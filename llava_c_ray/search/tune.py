@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava_c_ray import console
 from llava_c_ray.config import JobConfig
 from llava_c_ray.data.scoring import score
 from llava_c_ray.errors import LlavaCError
@@ -261,7 +262,13 @@ def run_tuner(job: JobConfig, plan: SearchPlan, actors: list, out: Path):
             scheduler=asha(plan),
             max_concurrent_trials=len(actors),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(Path(out).absolute())),
+        # Tune's trial tables on the console only with -v: the trials are in trials.json and the
+        # experiment directory either way.
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(Path(out).absolute()),
+            verbose=2 if console.LOGS.verbose else 0,
+        ),
     )
     results = tuner.fit()
     if results.errors:
