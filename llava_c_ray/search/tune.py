@@ -22,6 +22,7 @@ from llava_c_ray.data.scoring import score
 from llava_c_ray.errors import LlavaCError
 from llava_c_ray.evaluate.evaluator import EvalTask, ModelLoader, Query, load_hf_model, task_queries
 from llava_c_ray.files import write_json_atomic
+from llava_c_ray.ray_session import environment
 from llava_c_ray.search.objective import (
     best_trial,
     general_threshold,
@@ -133,6 +134,14 @@ def search_alpha(
     )
     write_trials(out / "trials.json", job, rule, result, new, old)
     return result
+
+
+def quiet_tune() -> tuple[int, dict[str, str]]:
+    """Tune's verbosity and environment: its trial tables on the console only with -v (the trials
+    are in trials.json and the experiment directory either way). Tune's default reporter prints
+    the experiment's heading even at verbose=0; its legacy reporter (RAY_AIR_NEW_OUTPUT=0) prints
+    nothing there."""
+    return (2, {}) if console.LOGS.verbose else (0, {"RAY_AIR_NEW_OUTPUT": "0"})
 
 
 def stage_start_general(job: JobConfig, plan: SearchPlan, actor) -> float | None:
@@ -251,6 +260,7 @@ def run_tuner(job: JobConfig, plan: SearchPlan, actors: list, out: Path):
         tune.with_parameters(run_trial, plan=plan, pool=pool), {"cpu": TRIAL_CPU}
     )
     space, search_alg, num_samples = sampler(job)
+    verbose, quiet_env = quiet_tune()
     tuner = tune.Tuner(
         trainable,
         param_space={"alpha": space},
@@ -262,15 +272,12 @@ def run_tuner(job: JobConfig, plan: SearchPlan, actors: list, out: Path):
             scheduler=asha(plan),
             max_concurrent_trials=len(actors),
         ),
-        # Tune's trial tables on the console only with -v: the trials are in trials.json and the
-        # experiment directory either way.
         run_config=tune.RunConfig(
-            name="tune",
-            storage_path=str(Path(out).absolute()),
-            verbose=2 if console.LOGS.verbose else 0,
+            name="tune", storage_path=str(Path(out).absolute()), verbose=verbose
         ),
     )
-    results = tuner.fit()
+    with environment(**quiet_env):
+        results = tuner.fit()
     if results.errors:
         raise LlavaCError(
             f"{len(results.errors)} α-search trial(s) failed; the first: {results.errors[0]}",
