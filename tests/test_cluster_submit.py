@@ -77,9 +77,20 @@ these 2 cores under a parallel training run it took over 90 s (the wait ends as 
 shows)."""
 
 
-def wait_for_nodes(address: str, count: int, timeout: float = NODE_START_BUDGET_S) -> None:
+def wait_for_nodes(
+    address: str,
+    count: int,
+    node: subprocess.Popen,
+    log: Path,
+    timeout: float = NODE_START_BUDGET_S,
+) -> None:
+    """Until `ray status` shows `count` nodes; fails at once, with its log, if `node` exits."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if node.poll() is not None:
+            raise RuntimeError(
+                f"`ray start` exited ({node.returncode}):\n{log.read_text()[-3000:]}"
+            )
         out = subprocess.run(
             [str(BIN / "ray"), "status", f"--address={address}"],
             env=cluster_env(),
@@ -115,7 +126,7 @@ def two_node_cluster(tmp_path_factory):
     )
     worker = None
     try:
-        wait_for_nodes(f"127.0.0.1:{gcs}", 1)
+        wait_for_nodes(f"127.0.0.1:{gcs}", 1, head, logs / "head.log")
         worker = start_node(
             [
                 f"--address=127.0.0.1:{gcs}",
@@ -125,7 +136,7 @@ def two_node_cluster(tmp_path_factory):
             ],
             logs / "worker.log",
         )
-        wait_for_nodes(f"127.0.0.1:{gcs}", 2)
+        wait_for_nodes(f"127.0.0.1:{gcs}", 2, worker, logs / "worker.log")
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         for node in (worker, head):
