@@ -3,8 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# lmms-eval lives in a venv of its own: it moves filelock, protobuf and python-dateutil back a
+# major version, and the CPU default stays light (docs/lmms-eval.md).
+EVAL_VENV := .venv-eval
+EVAL_STAMP := $(EVAL_VENV)/.installed
 
-.PHONY: demo test test-fast lint format clean
+.PHONY: demo test test-fast test-eval lint format clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -14,15 +18,30 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+$(EVAL_STAMP): pyproject.toml
+	test -d $(EVAL_VENV) || $(PY) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/pip install -q --upgrade pip
+	$(EVAL_VENV)/bin/pip install -q "torch==2.13.0" || $(EVAL_VENV)/bin/pip install -q "torch<=2.14.1"
+	$(EVAL_VENV)/bin/pip install -q -e ".[dev,eval]"
+	# PyPI's torchvision is a CUDA build, which does not load beside the CPU torch: remove it there.
+	$(EVAL_VENV)/bin/python -c "import torch, sys; sys.exit(torch.version.cuda is None)" \
+		|| $(EVAL_VENV)/bin/pip uninstall -q -y torchvision
+	touch $(EVAL_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/llava-c demo
 
-test: $(STAMP)
-	bash scripts/run_tests.sh --durations=25
+# The suite, then the lmms-eval tests (marked `lmms`) in the eval venv.
+test: $(STAMP) $(EVAL_STAMP)
+	bash scripts/run_tests.sh -m "not lmms" --durations=25
+	VENV=$(EVAL_VENV) bash scripts/run_tests.sh -m lmms --durations=5
+
+test-eval: $(EVAL_STAMP)
+	VENV=$(EVAL_VENV) bash scripts/run_tests.sh -m lmms --durations=5
 
 # The pure parts: no Ray cluster, no training (tests marked `integration` are left out).
 test-fast: $(STAMP)
-	bash scripts/run_tests.sh -m "not integration" --durations=10
+	bash scripts/run_tests.sh -m "not integration and not lmms" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check llava_c_ray tests bench
@@ -33,4 +52,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix llava_c_ray tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(EVAL_VENV) .pytest_cache

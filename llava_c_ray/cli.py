@@ -116,6 +116,49 @@ def eval_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_lmms(args: argparse.Namespace) -> int:
+    """lmms-eval tasks on one checkpoint in Ray actors; the scores printed, the results to --out."""
+    from dataclasses import replace
+
+    from llava_c_ray.evaluate.evaluator import load_hf_model
+    from llava_c_ray.evaluate.lmms_run import (
+        LmmsSettings,
+        LmmsTasks,
+        check_lmms_tasks,
+        run_lmms_eval,
+    )
+    from llava_c_ray.methods import bind
+    from llava_c_ray.pipeline import lmms_settings
+
+    job = load(args.job, args.overrides) if args.job else None
+    if args.overrides and job is None:
+        raise LlavaCError(
+            f"key=value overrides ({' '.join(args.overrides)}) change a job: there is no --job",
+            fix="pass --job JOB, or use --batch-size, --max-new-tokens, --template",
+        )
+    if not (args.checkpoint / "config.json").is_file():
+        raise LlavaCError(
+            "not a Hugging Face checkpoint directory (no config.json)",
+            path=args.checkpoint,
+            fix="pass a stage's model/ directory or a checkpoint written by `llava-c model`",
+        )
+    if args.out.exists() and not args.overwrite:
+        raise LlavaCError("output exists", path=args.out, fix="choose a new --out or --overwrite")
+    tasks = LmmsTasks([t for t in args.tasks.split(",") if t], args.include_path, args.limit)
+    check_lmms_tasks(tasks, "--tasks")
+    given = {k: getattr(args, k) for k in ("template", "batch_size", "max_new_tokens")}
+    settings = replace(
+        lmms_settings(job) if job else LmmsSettings(),
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    loader = bind(job).method.load_model if job else load_hf_model
+    scores = run_lmms_eval(args.checkpoint.absolute(), tasks, settings, args.out, loader)
+    for name, value in scores.items():
+        print(f"{name}: {value:.2f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def figure_alpha_curves(args: argparse.Namespace) -> int:
     from llava_c_ray.search.alpha_curves import alpha_curves_figure
 
@@ -314,6 +357,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a directory this command wrote"
     )
     p.set_defaults(handler=eval_tasks)
+    p = eval_commands.add_parser(
+        "lmms", help="run lmms-eval tasks on one checkpoint in Ray actors (as eval.lmms_tasks does)"
+    )
+    p.add_argument("checkpoint", type=Path, help="a Hugging Face checkpoint directory")
+    p.add_argument(
+        "--tasks", required=True, help="lmms-eval task, group or tag names, comma-separated"
+    )
+    p.add_argument(
+        "--include-path",
+        type=Path,
+        action="append",
+        default=[],
+        help="task directory beside lmms-eval's own (repeatable), e.g. from `llava-c eval tasks`",
+    )
+    p.add_argument("--limit", type=positive_int, help="documents per task (default: all)")
+    p.add_argument(
+        "--job",
+        type=Path,
+        help="take the template, batch size, generation cap and the method's model loader from a job",
+    )
+    p.add_argument("overrides", nargs="*", help="key=value overrides of --job")
+    p.add_argument(
+        "--template", choices=["vicuna_v1", "plain"], help="default: the job's, vicuna_v1"
+    )
+    p.add_argument("--batch-size", type=positive_int, help="default: the job's eval, 16")
+    p.add_argument("--max-new-tokens", type=positive_int, help="default: the job's eval, 32")
+    p.add_argument("--out", required=True, type=Path, help="lmms-eval's results JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace --out")
+    add_verbose(p)
+    p.set_defaults(handler=eval_lmms)
 
     figure = commands.add_parser("figure", help="figures over runs")
     figure_commands = figure.add_subparsers(dest="figure_command", required=True)

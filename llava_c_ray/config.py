@@ -272,6 +272,18 @@ class EvalConfig(Section):
     """Cap on test records per task (None = all)."""
     num_actors: int = Field(default=1, gt=0)
     """Evaluation actors (each loads the model once)."""
+    lmms_tasks: list[str] = Field(default_factory=list)
+    """lmms-eval tasks (or groups, tags) run on every stage's model beside the built-in
+    evaluation, their scores in results.json (needs the `eval` extra; docs/lmms-eval.md)."""
+    lmms_include_path: list[Path] = Field(default_factory=list)
+    """Task directories for lmms-eval beside its own (`llava-c eval tasks JOB --out DIR`)."""
+    lmms_limit: int | None = Field(default=None, gt=0)
+    """Cap on documents per lmms-eval task (None = all)."""
+
+    @field_validator("lmms_include_path", mode="after")
+    @classmethod
+    def _absolute_include_path(cls, value: list[Path]) -> list[Path]:
+        return [path.expanduser().absolute() for path in value]
 
 
 class ClusterConfig(Section):
@@ -677,6 +689,8 @@ def _data_paths(job: JobConfig) -> list[tuple[str, Path]]:
                 value = getattr(data_file, field, None)
                 if value is not None:
                     paths.append((f"{key}.{field}", value))
+    for i, path in enumerate(job.eval.lmms_include_path):
+        paths.append((f"eval.lmms_include_path.{i}", path))
     return paths
 
 

@@ -19,6 +19,8 @@ from llava_c_ray.config import JobConfig
 from llava_c_ray.data.records import read_records
 from llava_c_ray.data.validate import MAX_IMAGE_PIXELS, ValidationReport, validate_records
 from llava_c_ray.errors import LlavaCError
+from llava_c_ray.evaluate.evaluator import GENERAL, EvalTask, job_eval_tasks
+from llava_c_ray.evaluate.lmms_run import LmmsSettings, LmmsTasks, check_lmms_tasks
 from llava_c_ray.files import write_json_atomic
 from llava_c_ray.methods import BoundMethod, Stage, StageContext, TrainedStage, bind
 from llava_c_ray.methods.base import one_stage_per_task
@@ -103,6 +105,7 @@ def run_job(job: JobConfig, run_dir: Path | None = None, *, force_new: bool = Fa
     """Run (or resume) the whole task sequence of `job`; returns the results written to results.json."""
     method = bind(job)
     reports = check_job_data(job)  # every task's data, before anything is written or trained
+    check_lmms_tasks(job_lmms_tasks(job))
     run = open_run(job, run_dir, force_new)
     logs = console.LOGS.open_in(run.path)
     console.say(f"{job.name}: method {method.method.name}, run directory {run.path}")
@@ -428,16 +431,52 @@ def evaluate_step(pipe: Pipeline, stage: Stage, model: Path) -> None:
     )
     scores = dict(result.scores)
     general = scores.pop(GENERAL, None)
+    lmms, lmms_out = lmms_step(pipe, stage, model)
     record = EvaluateRecord(
         scores=scores,
         general=general,
         eval=out,
+        lmms=lmms,
+        lmms_eval=lmms_out,
         finished=time.time(),
         seconds=time.time() - started,
     )
     pipe.run.record(stage.index, record)
     write_results(pipe)
-    say(pipe, stage, f"scores in {record.seconds:.0f} s: {score_line(pipe.job, result.scores)}")
+    shown = {**result.scores, **lmms}
+    say(pipe, stage, f"scores in {record.seconds:.0f} s: {score_line(pipe.job, shown)}")
+
+
+def job_lmms_tasks(job: JobConfig) -> LmmsTasks:
+    return LmmsTasks(job.eval.lmms_tasks, job.eval.lmms_include_path, job.eval.lmms_limit)
+
+
+def lmms_step(pipe: Pipeline, stage: Stage, model: Path) -> tuple[dict[str, float], Path | None]:
+    """The job's lmms-eval tasks on the stage's model: scores and lmms-eval's results file."""
+    if not pipe.job.eval.lmms_tasks:
+        return {}, None
+    from llava_c_ray.evaluate.evaluator import load_hf_model
+    from llava_c_ray.evaluate.lmms_run import run_lmms_eval
+
+    out = pipe.run.stage_dir(stage.dirname) / "lmms_eval.json"
+    scores = run_lmms_eval(
+        model,
+        job_lmms_tasks(pipe.job),
+        lmms_settings(pipe.job),
+        out,
+        loader=pipe.method.method.load_model if stage.index else load_hf_model,
+    )
+    return scores, out
+
+
+def lmms_settings(job: JobConfig) -> LmmsSettings:
+    return LmmsSettings(
+        template=job.model.template,
+        batch_size=job.eval.batch_size,
+        max_new_tokens=job.eval.max_new_tokens,
+        use_gpu=job.cluster.use_gpu,
+        num_actors=job.eval.num_actors,
+    )
 
 
 def score_line(job: JobConfig, scores: dict[str, float]) -> str:
@@ -449,24 +488,10 @@ def score_line(job: JobConfig, scores: dict[str, float]) -> str:
     )
 
 
-GENERAL = "general_probe"
-
-
-def eval_tasks(pipe: Pipeline, stage: Stage) -> list:
+def eval_tasks(pipe: Pipeline, stage: Stage) -> list[EvalTask]:
     """Every task (or only those trained so far, without `evaluate_unseen`) plus the general probe."""
-    from llava_c_ray.evaluate.evaluator import EvalTask
-
-    job = pipe.job
     seen = {name for s in pipe.stages[: stage.index] for name in s.tasks}
-    tasks = [
-        EvalTask(t.name, t.test, t.image_folder, t.scoring, t.instruction)
-        for t in job.tasks
-        if job.eval.evaluate_unseen or t.name in seen
-    ]
-    probe = job.general_probe
-    if probe is not None:
-        tasks.append(EvalTask(GENERAL, probe.path, probe.image_folder, probe.scoring, ""))
-    return tasks
+    return job_eval_tasks(pipe.job, None if pipe.job.eval.evaluate_unseen else seen)
 
 
 def accuracy_matrix(pipe: Pipeline) -> tuple[list[list[float | None]], list[float | None]]:
@@ -479,6 +504,13 @@ def accuracy_matrix(pipe: Pipeline) -> tuple[list[list[float | None]], list[floa
         rows.append([record.scores.get(name) for name in pipe.task_names])
         general.append(record.general)
     return rows, general
+
+
+def lmms_scores(pipe: Pipeline, stages: int) -> dict[str, list[float | None]]:
+    """Each lmms-eval task's score over the first `stages` evaluated stages."""
+    records = [s.steps.evaluate for s in pipe.run.manifest.stages[:stages]]
+    names = sorted({name for r in records if r for name in r.lmms})
+    return {name: [r.lmms.get(name) if r else None for r in records] for name in names}
 
 
 def write_results(pipe: Pipeline) -> Results:
@@ -497,6 +529,7 @@ def write_results(pipe: Pipeline) -> Results:
         finished=finished,
         metrics=continual_metrics(matrix, general) if finished else {},
         chance={t.name: t.chance for t in pipe.job.tasks},
+        lmms=lmms_scores(pipe, len(matrix)),
     )
     write_json_atomic(pipe.run.path / "results.json", results.model_dump(mode="json"))
     with open(pipe.run.path / "accuracy_matrix.csv", "w", newline="") as fh:

@@ -60,6 +60,10 @@ class EvaluateRecord(StepRecord):
     scores: dict[str, float]
     general: float | None = None
     eval: Path
+    lmms: dict[str, float] = Field(default_factory=dict)
+    """Each lmms-eval task's headline score (`eval.lmms_tasks`)."""
+    lmms_eval: Path | None = None
+    """lmms-eval's results JSON for the stage."""
 
 
 class StageSteps(Record):
@@ -105,6 +109,9 @@ class Results(Record):
     metrics: dict[str, float | None] = Field(default_factory=dict)
     chance: dict[str, float | None] = Field(default_factory=dict)
     """Chance level of each task (and the probe), shown beside its scores."""
+    lmms: dict[str, list[float | None]] = Field(default_factory=dict)
+    """Each lmms-eval task's headline score per stage (`eval.lmms_tasks`): the general
+    benchmarks' retention over the sequence."""
 
 
 class TaskRouting(Record):

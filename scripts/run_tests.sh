@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the suite; pytest's exit code 5 ("no tests collected") is a failure here, not a pass.
+# Runs the suite (in $VENV, default .venv); pytest's exit code 5 ("no tests collected") is a failure here, not a pass.
 set -u
-.venv/bin/python -m pytest "$@"
+"${VENV:-.venv}"/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "run_tests: pytest collected no tests" >&2

@@ -11,12 +11,16 @@ pytest_plugins = ["tests.fixtures_tiny"]
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    from llava_c_ray.evaluate.lmms_run import lmms_eval_installed
+
+    skips = {
+        "gpu": (not torch.cuda.is_available(), "needs a CUDA GPU"),
+        "lmms": (not lmms_eval_installed(), "needs lmms-eval: `make test-eval` runs these"),
+    }
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+        for marker, (skip, reason) in skips.items():
+            if skip and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

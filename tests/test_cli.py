@@ -34,6 +34,10 @@ OVERRIDE_COMMANDS = {
     ],
     ("config", "show"): ["config", "show", "job.yaml", "a=1", "--no-check-files", "b=2"],
     ("eval", "tasks"): ["eval", "tasks", "job.yaml", "a=1", "--out", "o", "b=2", "--overwrite"],
+    ("eval", "lmms"): [
+        *("eval", "lmms", "ckpt", "--job", "job.yaml", "a=1", "--tasks", "mme"),
+        *("--out", "o.json", "b=2", "--limit", "3"),
+    ],
 }
 
 

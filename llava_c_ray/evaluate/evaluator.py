@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from llava_c_ray.config import JobConfig
 from llava_c_ray.data.records import load_records
 from llava_c_ray.data.scoring import score
 from llava_c_ray.data.template import with_instruction
@@ -32,6 +33,24 @@ class EvalTask:
     image_folder: Path | None
     scoring: str
     instruction: str = ""
+
+
+GENERAL = "general_probe"
+"""The general probe's name among a stage's evaluated tasks."""
+
+
+def job_eval_tasks(job: JobConfig, only: set[str] | None = None) -> list[EvalTask]:
+    """The job's tasks' test splits (those named in `only`, if given), then the general probe:
+    what a stage's evaluation scores."""
+    tasks = [
+        EvalTask(t.name, t.test, t.image_folder, t.scoring, t.instruction)
+        for t in job.tasks
+        if only is None or t.name in only
+    ]
+    probe = job.general_probe
+    if probe is not None:
+        tasks.append(EvalTask(GENERAL, probe.path, probe.image_folder, probe.scoring))
+    return tasks
 
 
 @dataclass(frozen=True)

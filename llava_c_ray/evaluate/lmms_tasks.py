@@ -24,11 +24,10 @@ from PIL import Image
 
 from llava_c_ray.config import JobConfig
 from llava_c_ray.data.scoring import score
-from llava_c_ray.evaluate.evaluator import EvalTask, task_queries
+from llava_c_ray.evaluate.evaluator import EvalTask, job_eval_tasks, task_queries
 from llava_c_ray.files import atomic_directory, refuse_replacing, write_json_atomic
 
 PREFIX = "llava_c_"
-GENERAL = "general_probe"
 INDEX = "llava_c_tasks.json"
 """The index of a directory written here: its job, and each lmms-eval task's source and rule."""
 
@@ -47,15 +46,6 @@ def lmms_task_name(task: str) -> str:
 def job_tag(job: JobConfig) -> str:
     """The lmms-eval tag that runs all of a job's tasks at once."""
     return f"{PREFIX}job_{job.name}"
-
-
-def job_eval_tasks(job: JobConfig) -> list[EvalTask]:
-    """Every task's test split, then the general probe: what a stage's evaluation scores."""
-    tasks = [EvalTask(t.name, t.test, t.image_folder, t.scoring, t.instruction) for t in job.tasks]
-    probe = job.general_probe
-    if probe is not None:
-        tasks.append(EvalTask(GENERAL, probe.path, probe.image_folder, probe.scoring))
-    return tasks
 
 
 def write_lmms_tasks(job: JobConfig, out: Path, *, overwrite: bool = False) -> list[Path]:

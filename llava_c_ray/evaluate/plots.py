@@ -69,6 +69,19 @@ def general_curve(results: Results, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def lmms_curves(results: Results, path: Path) -> Path:
+    """Each lmms-eval task's headline score over the stages (the general benchmarks' retention)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, scores in results.lmms.items():
+        stages = range(len(scores))
+        ax.plot(stages, [float("nan") if v is None else v for v in scores], marker="o", label=name)
+    ax.set_xticks(range(len(results.stages)), results.stages, rotation=30, ha="right")
+    ax.set_ylabel("lmms-eval score")
+    ax.set_title(f"lmms-eval tasks across stages — {results.method}")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def spectra(stats_file: Path, path: Path, count: int = 4) -> Path | None:
     """σ and σ̃ of the first few consolidated matrices (like the paper's Figure 5)."""
     tensors = [t for t in json.loads(stats_file.read_text())["tensors"] if "sigma" in t]
@@ -143,6 +156,8 @@ def draw_run_plots(run_dir: Path, results: Results) -> list[Path]:
         task_curves(results, plots / "task_curves.png"),
         general_curve(results, plots / "general_curve.png"),
     ]
+    if results.lmms:
+        drawn.append(lmms_curves(results, plots / "lmms_tasks.png"))
     for stats in sorted(run_dir.glob("stages/*/sac_stats.json")):
         spectrum = spectra(stats, plots / f"spectra_{stats.parent.name}.png")
         if spectrum:

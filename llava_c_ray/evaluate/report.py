@@ -118,13 +118,39 @@ def routing_table(routing: list[tuple[str, Routing]], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def lmms_table(results: Results) -> str:
+    """Rows = stages, columns = the lmms-eval tasks' headline scores, and each task's retention:
+    its last score over its stage-0 score (the paper's general-knowledge table)."""
+    names = list(results.lmms)
+    width = max(10, *(len(n) for n in names))
+    lines = [
+        "lmms-eval tasks:",
+        f"{'after stage':<16}" + "".join(f"{n:>{width + 1}}" for n in names),
+    ]
+    for i, stage in enumerate(results.stages):
+        cells = [results.lmms[n][i] if i < len(results.lmms[n]) else None for n in names]
+        lines.append(f"{stage:<16}" + "".join(f"{fmt(v):>{width + 1}}" for v in cells))
+    retention = [retained(results.lmms[n]) for n in names]
+    lines.append(f"{'(retention)':<16}" + "".join(f"{fmt(v, 3):>{width + 1}}" for v in retention))
+    return "\n".join(lines)
+
+
+def retained(scores: list[float | None]) -> float | None:
+    """The last score over the first (None while either is missing or the first is 0)."""
+    if len(scores) < 2 or not scores[0] or scores[-1] is None:
+        return None
+    return scores[-1] / scores[0]
+
+
 def run_report(results: Results, run_dir: Path | None = None) -> str:
-    """The accuracy matrix, metrics and below-chance flags; with `run_dir`, the routing of a
-    routed method's stages too."""
+    """The accuracy matrix, metrics and below-chance flags, the lmms-eval tasks' scores; with
+    `run_dir`, the routing of a routed method's stages too."""
     title = f"{results.job} — method {results.method}"
     status = "" if results.finished else "  (unfinished)"
     parts = [f"{title}{status}", matrix_table(results), metrics_table(results)]
     parts += below_chance(results)
+    if results.lmms:
+        parts.append(lmms_table(results))
     routing = stage_routing(run_dir) if run_dir is not None else []
     if routing:
         parts.append(routing_table(routing, results.tasks))

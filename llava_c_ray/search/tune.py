@@ -20,7 +20,14 @@ from llava_c_ray import console
 from llava_c_ray.config import JobConfig
 from llava_c_ray.data.scoring import score
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.evaluate.evaluator import EvalTask, ModelLoader, Query, load_hf_model, task_queries
+from llava_c_ray.evaluate.evaluator import (
+    GENERAL,
+    EvalTask,
+    ModelLoader,
+    Query,
+    load_hf_model,
+    task_queries,
+)
 from llava_c_ray.files import write_json_atomic
 from llava_c_ray.ray_session import environment
 from llava_c_ray.search.objective import (
@@ -32,7 +39,6 @@ from llava_c_ray.search.objective import (
     subset_rungs,
 )
 
-GENERAL = "general_probe"
 STAGE_START = (0.0, "modelmix")
 """(α, rule) of the candidate that is the stage-start model θ̃_{t-1} itself: W̃ = W̃_{t-1} + 0·Δ."""
 TRIAL_CPU = 0.05

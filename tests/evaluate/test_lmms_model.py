@@ -1,8 +1,9 @@
 """lmms-eval's run of our model on our generated tasks answers and scores as our evaluator does.
 
-Needs lmms-eval (the `eval` extra; docs/lmms-eval.md says how to install it beside the CPU torch):
-skipped without it. lmms-eval runs in process through its Python API, the model looked up by name
-(`llava_c`, our entry point) and the tasks from `write_lmms_tasks`, on the tiny checkpoint."""
+Needs lmms-eval (the `eval` extra; docs/lmms-eval.md says how to install it beside the CPU torch),
+so marked `lmms`: `make test` runs these in the eval venv. lmms-eval runs in process through its
+Python API, the model looked up by name (`llava_c`, our entry point) and the tasks from
+`write_lmms_tasks`, on the tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -11,24 +12,17 @@ from typing import Any
 
 import pytest
 
-lmms_eval = pytest.importorskip("lmms_eval")
-
-from llava_c_ray.config import job_from_dict  # noqa: E402
-from llava_c_ray.evaluate.evaluator import (  # noqa: E402
-    EvalActor,
-    batches,
-    evaluation_result,
-    task_queries,
-)
-from llava_c_ray.evaluate.lmms_model import MODEL_NAME, LlavaCAnswers  # noqa: E402
-from llava_c_ray.evaluate.lmms_tasks import (  # noqa: E402
+from llava_c_ray.config import job_from_dict
+from llava_c_ray.evaluate.evaluator import EvalActor, batches, evaluation_result, task_queries
+from llava_c_ray.evaluate.lmms_model import MODEL_NAME, LlavaCAnswers
+from llava_c_ray.evaluate.lmms_tasks import (
     job_eval_tasks,
     job_tag,
     lmms_task_name,
     write_lmms_tasks,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.lmms]
 
 BATCH = 4  # smaller than a task, so batches split inside tasks and at image / text-only edges
 MAX_NEW_TOKENS = 8
