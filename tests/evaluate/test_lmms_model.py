@@ -126,3 +126,37 @@ def test_stop_sequences_cut_the_answer(tiny_checkpoint: Path):
     stop = full[1:]
     cut = ask({"until": ["never said", stop]})
     assert cut == full[: full.index(stop)] and len(cut) < len(full)
+
+
+def test_stock_llava_hf_answers_our_image_questions_as_our_evaluator(
+    job: Any, tiny_checkpoint: Path, tmp_path: Path
+):
+    """lmms-eval's own `llava_hf` prompts through the checkpoint's chat template, which renders
+    our training prompt, so its answers to image questions are ours, up to the surrounding
+    whitespace our evaluator strips. (lmms-eval 0.7.3's llava_hf answers no text-only question: it logs "Error … in generating" for each and returns ''.)"""
+    import torch
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    out = tmp_path / "tasks"
+    write_lmms_tasks(job, out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    theirs = simple_evaluate(
+        model="llava_hf",
+        model_args=f"pretrained={tiny_checkpoint},device={device},device_map={device}",
+        tasks=[job_tag(job)],
+        batch_size=1,
+        task_manager=TaskManager(include_path=str(out), include_defaults=False),
+        log_samples=True,
+    )
+    actor = EvalActor(str(tiny_checkpoint), job.model.template)
+    compared = 0
+    for task in job_eval_tasks(job):
+        queries = task_queries(task, SAMPLES)
+        samples = sorted(theirs["samples"][lmms_task_name(task.name)], key=lambda s: s["doc_id"])
+        for query, sample in zip(queries, samples, strict=True):
+            if query.image is not None:
+                ours = actor.answer([query], MAX_NEW_TOKENS)[0]
+                assert response(sample).strip() == ours, query.id  # we strip the decoded text
+                compared += 1
+    assert compared >= 2 * SAMPLES  # both tasks' questions, and the probe's image questions
