@@ -6,8 +6,12 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from llava_c_ray import console
+
+if TYPE_CHECKING:
+    from llava_c_ray.config import ClusterConfig
 
 # Ray keeps no more idle worker processes than the machine has CPUs and kills the rest after 1 s.
 # On a laptop the training workers alone fill that quota, so every epoch's Ray Data read tasks
@@ -117,3 +121,14 @@ def write_worker_lines(batch: dict) -> None:
     prefix = f"({who} pid={batch.get('pid')}, ip={batch.get('ip')}) ".replace("( ", "(")
     stream = "err" if batch.get("is_err") else "out"
     console.LOGS.write(console.WORKER_LOG, "".join(f"{prefix}[{stream}] {x}\n" for x in lines))
+
+
+def worker_options(cluster: ClusterConfig) -> dict[str, Any]:
+    """`ray.remote` options asking for one training worker's resources (CPUs, GPU, custom
+    resources), so that on a cluster a method's task or actor lands where training workers do,
+    not on the head."""
+    return {
+        "num_cpus": cluster.cpus_per_worker,
+        "num_gpus": 1 if cluster.use_gpu else 0,
+        "resources": dict(cluster.resources_per_worker),
+    }

@@ -100,7 +100,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llava_c_ray.config import ClusterConfig, TaskConfig, TrainingConfig
+from llava_c_ray.config import TaskConfig, TrainingConfig
 from llava_c_ray.data.records import IMAGE_TOKEN, Record, read_records
 from llava_c_ray.data.shards import read_shards
 from llava_c_ray.data.template import prompt_segment, with_instruction
@@ -116,7 +116,7 @@ from llava_c_ray.methods.base import (
     register,
 )
 from llava_c_ray.methods.wrapping import unwrapped, wrap_linears
-from llava_c_ray.ray_session import ensure_ray
+from llava_c_ray.ray_session import ensure_ray, worker_options
 from llava_c_ray.train.hooks import ModelSetup
 
 SIDECAR = "continual_llava.safetensors"
@@ -773,16 +773,6 @@ def task_key_state(
     memory[task] = torch.zeros(len(queries), shape.size).scatter(1, indices, weights).mean(0)
     chosen = Counter(indices.flatten().tolist())
     return KeyState(keys.contiguous(), memory.contiguous(), dict(sorted(chosen.items())))
-
-
-def worker_options(cluster: ClusterConfig) -> dict[str, Any]:
-    """`ray.remote` options asking for one training worker's resources (CPUs, GPU, custom
-    resources), so that on a cluster a task lands where training workers do, not on the head."""
-    return {
-        "num_cpus": cluster.cpus_per_worker,
-        "num_gpus": 1 if cluster.use_gpu else 0,
-        "resources": dict(cluster.resources_per_worker),
-    }
 
 
 def key_phase(ctx: StageContext, shape: PoolShape, encoder: Path, carried: Path | None) -> Path:

@@ -36,7 +36,7 @@ from llava_c_ray.methods.base import (
     register,
 )
 from llava_c_ray.model.keys import language_model_linears
-from llava_c_ray.ray_session import ensure_ray
+from llava_c_ray.ray_session import ensure_ray, worker_options
 from llava_c_ray.train.hooks import ForwardPass, LossTerm, unwrap
 from llava_c_ray.train.spec import TrainFile
 
@@ -146,8 +146,7 @@ def fisher_after_stage(ctx: StageContext, trained: TrainedStage) -> None:
     files = [TrainFile(t.train, t.image_folder, t.instruction) for t in ctx.tasks()]
     earlier = ctx.earlier_state(STATE)
     ensure_ray()
-    resources = {"num_gpus": 1} if ctx.job.cluster.use_gpu else {"num_cpus": 1}
-    task = ray.remote(**resources)(estimate_fisher)
+    task = ray.remote(**worker_options(ctx.job.cluster))(estimate_fisher)
     ray.get(
         task.remote(
             trained.model,

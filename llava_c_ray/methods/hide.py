@@ -454,7 +454,7 @@ def hide_after_training(ctx: StageContext, trained: TrainedStage) -> None:
         ctx.tasks(),
         ctx.job.model.template,
         num_actors=params.anchor_actors,
-        use_gpu=ctx.job.cluster.use_gpu,
+        cluster=ctx.job.cluster,
     )
     anchors = {
         "image": torch.cat([earlier["image"].reshape(-1, image.numel()), image[None]]),

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llava_c_ray.config import TaskConfig
+from llava_c_ray.config import ClusterConfig, TaskConfig
 from llava_c_ray.data.records import IMAGE_TOKEN, Record, load_records
 from llava_c_ray.data.template import prompt_text, with_instruction
 from llava_c_ray.errors import LlavaCError
@@ -201,17 +201,20 @@ def compute_anchors(
     template: str,
     *,
     num_actors: int = 2,
-    use_gpu: bool = False,
+    cluster: ClusterConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a^img, a^txt): the mean CLIP image and text embeddings over the training rows of `tasks`
-    (one stage's), each chunk of rows summed by one of `num_actors` Ray actors."""
+    (one stage's), each chunk of rows summed by one of `num_actors` Ray actors, each with a
+    training worker's resources (`cluster`; the default: one CPU)."""
     import ray
 
-    from llava_c_ray.ray_session import ensure_ray
+    from llava_c_ray.ray_session import ensure_ray, worker_options
 
     chunks = [c for task in tasks for c in anchor_chunks(task, template)]
     ensure_ray()
-    actor_class = ray.remote(**({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))(AnchorActor)
+    actor_class = ray.remote(**worker_options(cluster or ClusterConfig(cpus_per_worker=1)))(
+        AnchorActor
+    )
     actors = [
         actor_class.remote(str(clip_dir), str(llava_dir))
         for _ in range(max(1, min(num_actors, len(chunks))))

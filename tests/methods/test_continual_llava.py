@@ -36,8 +36,8 @@ from llava_c_ray.methods.continual_llava import (
     pooled_layers,
     select_slots,
     task_key_state,
-    worker_options,
 )
+from llava_c_ray.ray_session import worker_options
 from llava_c_ray.train.hooks import StepHook, unwrap
 from tests.train.killing import KillAtStep
 
