@@ -1,5 +1,6 @@
 """The cluster path: a two-node Ray cluster on 127.0.0.1 (`ray start` head + worker, separate
-resources), `ray job submit --working-dir . -- llava-c run jobs/smoke.yaml`, and its run directory."""
+resources), `ray job submit --working-dir . -- llava-c run jobs/smoke.yaml`, and its run directory
+— including the α search inside `llava-c run` (the smoke job searches α under a general floor)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.integration
 
@@ -180,5 +182,42 @@ def test_ray_job_submit_runs_the_smoke_job(
     results = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert results["finished"] and results["tasks"] == ["icon_count", "attributes"]
     assert len(results["accuracy_matrix"]) == 3
-    manifest = json.loads((tmp_path / "smoke" / "manifest.json").read_text())
-    assert all("search" in stage["steps"] for stage in manifest["stages"][1:])
+    assert_run_uses_the_searched_alpha(tmp_path / "smoke", REPO / "jobs" / "smoke.yaml")
+
+
+def chosen_by_the_floor_rule(trials: list[dict]) -> float:
+    """The α the search must pick (llava_c_ray/search/objective.py, restated): among candidates
+    that keep the probe floor the highest objective, else the highest probe score; ties to the
+    smaller α."""
+    kept = [t for t in trials if t["keeps_floor"]]
+    key = "objective" if kept else "general"
+    best = max(t[key] for t in kept or trials)
+    return min(t["alpha"] for t in kept or trials if t[key] == best)
+
+
+def assert_run_uses_the_searched_alpha(run: Path, job_file: Path) -> None:
+    """Every consolidating stage searched the job's whole grid and consolidated with its choice."""
+    search_config = yaml.safe_load(job_file.read_text())["search"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    for stage in manifest["stages"][1:]:
+        search, consolidate = stage["steps"]["search"], stage["steps"]["consolidate"]
+        saved = json.loads(
+            (
+                run / "stages" / f"{stage['index']:02d}-{stage['name']}" / "search" / "trials.json"
+            ).read_text()
+        )
+        assert saved["trials"] == search["trials"] and saved["best_alpha"] == search["alpha"]
+        assert sorted(t["alpha"] for t in search["trials"]) == search_config["space"]
+        threshold = saved["general_threshold"]
+        assert threshold == pytest.approx(
+            search_config["general_floor"] * saved["general_reference"]
+        )
+        for trial in search["trials"]:
+            assert trial["keeps_floor"] == (trial["general"] >= threshold - 1e-9), trial
+        assert search["alpha"] == chosen_by_the_floor_rule(search["trials"])
+        assert consolidate["alpha"] == stage["alpha"] == search["alpha"]
+        assert Path(search["experiment"]).is_dir()
+        assert (run / "plots" / f"alpha_{stage['name']}.png").stat().st_size > 0
+    first, second = manifest["stages"][1:]
+    assert all(t["old"] is None for t in first["steps"]["search"]["trials"])
+    assert all(t["old"] is not None for t in second["steps"]["search"]["trials"])

@@ -250,11 +250,14 @@ def report_final(
 
 def save_outputs(model: nn.Module, spec: StageSpec, processor, final: Path) -> None:
     """The method's outputs under `final` (by default `adapter/` and the merged `model/`), with the
-    processor and the start checkpoint's other JSON files beside the model."""
+    processor and the start checkpoint's other JSON files beside the model — but not its shard
+    index: a sharded start checkpoint's `*.index.json` names shards the model written here lacks."""
     from llava_c_ray.train.hooks import unwrap
 
     spec.setup.save(unwrap(model), final)
     processor.save_pretrained(final / "model")
     for extra in Path(spec.init).glob("*.json"):
+        if extra.name.endswith(".index.json"):
+            continue
         if not (final / "model" / extra.name).exists():
             shutil.copy2(extra, final / "model" / extra.name)

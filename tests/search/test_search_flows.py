@@ -1,4 +1,7 @@
-"""The α search inside `llava-c run` and as `llava-c search-alpha`, on the tiny model."""
+"""The α search as `llava-c search-alpha`, on the tiny model.
+
+The search inside `llava-c run` is checked on the smoke job's run (tests/test_cluster_submit.py:
+it searches α in both stages, and `ray job submit` runs it on a two-node cluster)."""
 
 from __future__ import annotations
 
@@ -9,33 +12,11 @@ import pytest
 import yaml
 
 from llava_c_ray.cli import main
-from llava_c_ray.config import load_job
-from llava_c_ray.pipeline import run_job
 from tests.test_pipeline import write_job
 
 pytestmark = pytest.mark.integration
 
 SEARCH = {"enabled": True, "space": [0.1, 0.3, 0.6], "subset_size": 2, "num_actors": 2}
-
-
-def test_run_uses_the_searched_alpha(ray_cluster, tiny_benchmark, tiny_checkpoint, tmp_path):
-    job_file = write_job(
-        tmp_path, tiny_benchmark, tiny_checkpoint, tasks=2, search={**SEARCH, "asha": False}
-    )
-    run_job(load_job(job_file), tmp_path / "run")
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    for stage in manifest["stages"][1:]:
-        search, consolidate = stage["steps"]["search"], stage["steps"]["consolidate"]
-        objectives = {t["alpha"]: t["objective"] for t in search["trials"]}
-        assert sorted(objectives) == SEARCH["space"]
-        assert objectives[search["alpha"]] == max(objectives.values())
-        assert consolidate["alpha"] == stage["alpha"] == search["alpha"]
-        assert Path(search["experiment"]).is_dir()
-        task = stage["name"]
-        assert (tmp_path / "run" / "plots" / f"alpha_{task}.png").stat().st_size > 0
-    first, second = manifest["stages"][1:]
-    assert all(t["old"] is None for t in first["steps"]["search"]["trials"])
-    assert all(t["old"] is not None for t in second["steps"]["search"]["trials"])
 
 
 @pytest.fixture

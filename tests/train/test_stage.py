@@ -47,16 +47,21 @@ def spec_for(
     return StageSpec.from_job(job, tasks=[job.task(task)], init=init, out=out, losses=losses)
 
 
+UIR_STEPS = 12
+
+
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tiny_benchmark: Path, tiny_checkpoint: Path, tmp_path_factory):
+    """Plain LoRA training (no UIR term): also the UIR test's run without UIR."""
     out = tmp_path_factory.mktemp("stage") / "out"
-    return run_stage(spec_for(stage_job(tiny_benchmark, max_steps=12), tiny_checkpoint, out))
+    job = stage_job(tiny_benchmark, max_steps=UIR_STEPS)
+    return run_stage(spec_for(job, tiny_checkpoint, out, uir_weight=0.0))
 
 
 def test_loss_falls_and_outputs_load(trained) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    assert trained.steps == 12
+    assert trained.steps == UIR_STEPS
     assert trained.metrics["last_loss"] < trained.metrics["first_loss"]
     LlavaForConditionalGeneration.from_pretrained(trained.model_dir)
     AutoProcessor.from_pretrained(trained.model_dir)
@@ -129,10 +134,10 @@ def test_lowrank_sac_of_the_trained_adapter_equals_dense_sac(
 def test_uir_keeps_inquiry_states_closer(
     ray_cluster, trained, tiny_benchmark, tiny_checkpoint, tmp_path
 ) -> None:
-    job = stage_job(tiny_benchmark, max_steps=12)
-    without = run_stage(spec_for(job, tiny_checkpoint, tmp_path / "no_uir", uir_weight=0.0))
+    """The same stage as `trained` (same data, seed and steps), with a strong UIR term."""
+    job = stage_job(tiny_benchmark, max_steps=UIR_STEPS)
     with_uir = run_stage(spec_for(job, tiny_checkpoint, tmp_path / "uir", uir_weight=50.0))
-    drift_off = inquiry_drift(without.model_dir, tiny_checkpoint, tiny_benchmark)
+    drift_off = inquiry_drift(trained.model_dir, tiny_checkpoint, tiny_benchmark)
     drift_on = inquiry_drift(with_uir.model_dir, tiny_checkpoint, tiny_benchmark)
     print(f"inquiry hidden-state drift: UIR off {drift_off:.3e}, UIR on {drift_on:.3e}")
     assert drift_on < 0.7 * drift_off
@@ -219,5 +224,5 @@ def test_rank_zero_writes_the_progress_the_driver_draws(trained) -> None:
     from llava_c_ray.train.progress import PROGRESS_FILE, read_progress
 
     progress = read_progress(trained.model_dir.parent / PROGRESS_FILE)
-    assert progress["step"] == progress["max_steps"] == trained.steps == 12
+    assert progress["step"] == progress["max_steps"] == trained.steps == UIR_STEPS
     assert progress["logs"]["loss"] > 0 and progress["logs"]["tokens_per_s"] > 0
