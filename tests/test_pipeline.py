@@ -62,7 +62,7 @@ KILL_BUDGET_S = 900
 
 @dataclass
 class KilledRun:
-    """The module's one run: `llava-c run` of a 3-task job, its driver killed during stage 2 once
+    """The module's one run: `llava-c run` of a 2-task job, its driver killed during stage 2 once
     that stage's training was recorded, then rerun to completion."""
 
     tmp: Path
@@ -87,7 +87,7 @@ def finished(ray_cluster, tiny_benchmark, tiny_checkpoint, tmp_path_factory) -> 
     """Shared by every test of a finished run directory: a resumed run must leave the same
     complete layout as an uninterrupted one."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    job_file = write_job(tmp, tiny_benchmark, tiny_checkpoint, tasks=3)
+    job_file = write_job(tmp, tiny_benchmark, tiny_checkpoint, tasks=2)
     command = [sys.executable, "-m", "llava_c_ray.cli", "run", str(job_file)]
     command += ["--run-dir", str(tmp / "run")]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -124,7 +124,7 @@ def finished(ray_cluster, tiny_benchmark, tiny_checkpoint, tmp_path_factory) -> 
 
 def test_run_directory_layout(finished) -> None:
     results, run = finished.results, finished.run
-    assert len(results.accuracy_matrix) == 4 and len(results.accuracy_matrix[0]) == 3
+    assert len(results.accuracy_matrix) == 3 and len(results.accuracy_matrix[0]) == 2
     assert results.finished and set(results.metrics) >= {
         "avg",
         "bwt",
@@ -132,7 +132,7 @@ def test_run_directory_layout(finished) -> None:
         "general_retention",
     }
     manifest = json.loads((run / "manifest.json").read_text())
-    assert [sorted(s["steps"]) for s in manifest["stages"]] == [["evaluate"]] + 3 * [
+    assert [sorted(s["steps"]) for s in manifest["stages"]] == [["evaluate"]] + 2 * [
         ["consolidate", "evaluate", "train"]
     ]
     stage = run / "stages" / "01-icon_count"
@@ -146,7 +146,7 @@ def test_run_directory_layout(finished) -> None:
     assert (
         (run / "accuracy_matrix.csv")
         .read_text()
-        .startswith("stage,icon_count,attributes,count_math,general_probe")
+        .startswith("stage,icon_count,attributes,general_probe")
     )
     assert {p.name for p in (run / "plots").glob("*.png")} >= {
         "accuracy_heatmap.png",
@@ -224,22 +224,22 @@ def test_bad_jobs_fail_fast(tmp_path, tiny_benchmark, tiny_checkpoint) -> None:
 
 
 def test_driver_killed_mid_run_resumes(finished, tiny_checkpoint) -> None:
-    """The driver was killed during stage 2 of 3, after its training was recorded; the rerun kept
-    stages 0–1 and stage 2's recorded steps as they were and finished stages 2–3 from them (that
+    """The driver was killed during stage 2 of 2, after its training was recorded; the rerun kept
+    stages 0–1 and stage 2's recorded steps as they were and finished stage 2 from them (that
     the finished stage 2 is SAC of that training from stage 1's model: the dense-path test)."""
     before, after = finished.at_kill, finished.resumed
     assert after[:2] == before[:2]
-    assert "train" in before[2]["steps"] and len(after) == 4
+    assert "train" in before[2]["steps"] and len(after) == 3
     assert {step: after[2]["steps"][step] for step in before[2]["steps"]} == before[2]["steps"]
     starts = [Path(s["start"]) for s in after[1:]]
-    assert starts == [tiny_checkpoint] + [Path(s["checkpoint"]) for s in after[1:3]]
+    assert starts == [tiny_checkpoint] + [Path(s["checkpoint"]) for s in after[1:-1]]
     matrix = json.loads((finished.run / "results.json").read_text())["accuracy_matrix"]
     scores = [[s["steps"]["evaluate"]["scores"][t] for t in finished.results.tasks] for s in after]
     assert matrix == scores and finished.results.finished
     # The console carries the run's own lines; Ray's worker output went to the run's logs.
     console = finished.console
-    assert [line for line in console if line.startswith("[3/3 ")][-1].startswith(
-        "[3/3 count_math] scores"
+    assert [line for line in console if line.startswith("[2/2 ")][-1].startswith(
+        "[2/2 attributes] scores"
     )
     assert len(console) <= 40, "\n".join(console)
     assert "RayTrainWorker" in (finished.run / "logs" / "workers.log").read_text()
