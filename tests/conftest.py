@@ -28,8 +28,10 @@ def ray_cluster():
     """A local Ray shared by the whole session; subprocesses join it through RAY_ADDRESS."""
     import ray
 
-    from llava_c_ray.ray_session import LOCAL_SYSTEM_CONFIG
+    from llava_c_ray.ray_session import LOCAL_ENV, LOCAL_SYSTEM_CONFIG
 
+    for key, value in LOCAL_ENV.items():  # inherited by Ray's processes and the `ray start` nodes
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         # "local": never join a cluster this machine last started with `ray start`.
         ray.init(

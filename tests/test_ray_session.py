@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llava_c_ray.ray_session import environment
+from llava_c_ray.ray_session import LOCAL_ENV, environment
 
 # What Ray Train's placement-group cleaner does in its actor: the State API without an address,
 # which scans the machine for "the" cluster unless RAY_ADDRESS names it.
@@ -31,9 +31,16 @@ def lookup():
             time.sleep(1)
     return "API server never came up"
 
+@ray.remote(num_cpus=0)
+def poll_interval():
+    import os
+
+    return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
 own = ray.get_runtime_context().get_node_id()
 found = ray.get(lookup.remote())
 print("OK" if found == [own] else f"WRONG CLUSTER: {found} != {own}", flush=True)
+print(ray.get(poll_interval.remote()), flush=True)
 """
 
 
@@ -46,7 +53,9 @@ def test_environment_is_restored() -> None:
 
 @pytest.mark.integration
 def test_two_local_rays_each_find_their_own_cluster() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    """…and Ray's processes poll Ray Train's workers at the local interval (LOCAL_ENV)."""
+    unset = {"RAY_ADDRESS", *LOCAL_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     runs = [
         subprocess.Popen(
             [sys.executable, "-c", PROBE],
@@ -60,5 +69,5 @@ def test_two_local_rays_each_find_their_own_cluster() -> None:
     for run in runs:
         out, err = run.communicate(timeout=240)
         assert run.returncode == 0, err
-        assert out.strip() == "OK", err
+        assert out.split() == ["OK", LOCAL_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]], err
         assert "Found multiple active Ray instances" not in err
