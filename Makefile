@@ -7,25 +7,29 @@ STAMP := $(VENV)/.installed
 # major version, and the CPU default stays light (docs/lmms-eval.md).
 EVAL_VENV := .venv-eval
 EVAL_STAMP := $(EVAL_VENV)/.installed
+COMMA := ,
 
 .PHONY: demo test test-fast test-eval lint format clean
 
+# A venv at $(1) with the CPU wheel of torch first (so pip does not pull a multi-GB CUDA build),
+# then this project with the extras $(2). -qq: errors only (this machine's pip set-up warns per
+# package about index folders it lacks).
+define make_venv
+	test -d $(1) || $(PY) -m venv $(1)
+	$(1)/bin/pip install -qq --upgrade pip
+	$(1)/bin/pip install -qq "torch==2.13.0" || $(1)/bin/pip install -qq "torch<=2.14.1"
+	$(1)/bin/pip install -qq -e ".[$(2)]"
+endef
+
 $(STAMP): pyproject.toml
-	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# The CPU wheel of torch first, so pip does not pull a multi-GB CUDA build.
-	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch<=2.14.1"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(call make_venv,$(VENV),dev)
 	touch $(STAMP)
 
 $(EVAL_STAMP): pyproject.toml
-	test -d $(EVAL_VENV) || $(PY) -m venv $(EVAL_VENV)
-	$(EVAL_VENV)/bin/pip install -q --upgrade pip
-	$(EVAL_VENV)/bin/pip install -q "torch==2.13.0" || $(EVAL_VENV)/bin/pip install -q "torch<=2.14.1"
-	$(EVAL_VENV)/bin/pip install -q -e ".[dev,eval]"
-	# PyPI's torchvision is a CUDA build, which does not load beside the CPU torch: remove it there.
+	$(call make_venv,$(EVAL_VENV),dev$(COMMA)eval)
+	@# PyPI's torchvision is a CUDA build, which does not load beside the CPU torch: remove it there.
 	$(EVAL_VENV)/bin/python -c "import torch, sys; sys.exit(torch.version.cuda is None)" \
-		|| $(EVAL_VENV)/bin/pip uninstall -q -y torchvision
+		|| $(EVAL_VENV)/bin/pip uninstall -qq -y torchvision
 	touch $(EVAL_STAMP)
 
 demo: $(STAMP)
