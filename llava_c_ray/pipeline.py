@@ -19,8 +19,15 @@ from llava_c_ray.config import JobConfig
 from llava_c_ray.data.records import read_records
 from llava_c_ray.data.validate import MAX_IMAGE_PIXELS, ValidationReport, validate_records
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.evaluate.evaluator import GENERAL, EvalTask, job_eval_tasks
-from llava_c_ray.evaluate.lmms_run import LmmsSettings, LmmsTasks, check_lmms_tasks
+from llava_c_ray.evaluate.evaluator import (
+    GENERAL,
+    EvalTask,
+    ModelLoader,
+    evaluate_checkpoint,
+    job_eval_tasks,
+    load_hf_model,
+)
+from llava_c_ray.evaluate.lmms_run import LmmsSettings, LmmsTasks, check_lmms_tasks, run_lmms_eval
 from llava_c_ray.files import write_json_atomic
 from llava_c_ray.methods import BoundMethod, Stage, StageContext, TrainedStage, bind
 from llava_c_ray.methods.base import one_stage_per_task
@@ -412,8 +419,6 @@ def evaluate_step(pipe: Pipeline, stage: Stage, model: Path) -> None:
     job's initial model, is a plain Hugging Face checkpoint whatever the method)."""
     if pipe.run.stage(stage.index).steps.evaluate:
         return
-    from llava_c_ray.evaluate.evaluator import evaluate_checkpoint, load_hf_model
-
     started = time.time()
     tasks = eval_tasks(pipe, stage)
     out = pipe.run.stage_dir(stage.dirname) / "eval.json"
@@ -427,7 +432,7 @@ def evaluate_step(pipe: Pipeline, stage: Stage, model: Path) -> None:
         template=pipe.job.model.template,
         out=out,
         use_gpu=pipe.job.cluster.use_gpu,
-        loader=pipe.method.method.load_model if stage.index else load_hf_model,
+        loader=stage_loader(pipe, stage),
     )
     scores = dict(result.scores)
     general = scores.pop(GENERAL, None)
@@ -455,18 +460,15 @@ def lmms_step(pipe: Pipeline, stage: Stage, model: Path) -> tuple[dict[str, floa
     """The job's lmms-eval tasks on the stage's model: scores and lmms-eval's results file."""
     if not pipe.job.eval.lmms_tasks:
         return {}, None
-    from llava_c_ray.evaluate.evaluator import load_hf_model
-    from llava_c_ray.evaluate.lmms_run import run_lmms_eval
-
     out = pipe.run.stage_dir(stage.dirname) / "lmms_eval.json"
-    scores = run_lmms_eval(
-        model,
-        job_lmms_tasks(pipe.job),
-        lmms_settings(pipe.job),
-        out,
-        loader=pipe.method.method.load_model if stage.index else load_hf_model,
-    )
-    return scores, out
+    tasks, settings = job_lmms_tasks(pipe.job), lmms_settings(pipe.job)
+    return run_lmms_eval(model, tasks, settings, out, stage_loader(pipe, stage)), out
+
+
+def stage_loader(pipe: Pipeline, stage: Stage) -> ModelLoader:
+    """How the stage's model is loaded: the method's way (stage 0, the job's initial model, is a
+    plain Hugging Face checkpoint whatever the method)."""
+    return pipe.method.method.load_model if stage.index else load_hf_model
 
 
 def lmms_settings(job: JobConfig) -> LmmsSettings:
