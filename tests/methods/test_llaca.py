@@ -266,6 +266,9 @@ def zero_rank(rank: int, world: int, port: int, stage: int, out: str) -> None:
         stats.append(hook.on_optimizer_step(model))
     hook.handle.remove()
     torch.save({"stars": hook.stars, "stats": stats}, Path(out) / f"rank{rank}.pt")
+    # Both ranks reach the barrier before either tears gloo down: a rank destroying the group
+    # while the other's gloo thread still talks to it aborted that process now and then (SIGABRT).
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
