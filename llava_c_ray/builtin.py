@@ -5,8 +5,11 @@ temporary directory and renamed into place, so an interrupted build is redone, n
 
 - `root/benchmark/`: the procedurally drawn benchmark (`llava-c data synth`);
 - `root/tiny/`:      a randomly initialised tiny LLaVA whose tokenizer is trained on the benchmark;
+- `root/vision/`:    that model with its vision tower pre-trained contrastively on captioned drawn
+                     scenes (`model/vision_pretrain.py`) — the tiny world's CLIP;
 - `root/base/`:      that model trained jointly on the six general domains with the Ray Train stage
-                     runner (all weights) — the "well-trained LLaVA" that continual fine-tuning starts from.
+                     runner (language model and projector; the tower stays frozen, as LLaVA keeps
+                     its CLIP) — the "well-trained LLaVA" that continual fine-tuning starts from.
 """
 
 from __future__ import annotations
@@ -43,13 +46,14 @@ class Builtin:
     root: Path
     benchmark: Path
     tiny_model: Path
+    vision_model: Path
     base_model: Path
 
 
 def ensure_builtin(root: Path, *, seed: int = 0, scale: str = "small") -> Builtin:
     """Build (or reuse) the built-in benchmark, tiny model and pre-trained base under `root`."""
     root = Path(root).absolute()
-    built = Builtin(root, root / "benchmark", root / "tiny", root / "base")
+    built = Builtin(root, root / "benchmark", root / "tiny", root / "vision", root / "base")
     if not (built.benchmark / "benchmark.json").is_file():
         from llava_c_ray.data.synthetic.benchmark import generate_benchmark
 
@@ -57,6 +61,8 @@ def ensure_builtin(root: Path, *, seed: int = 0, scale: str = "small") -> Builti
         generate_benchmark(built.benchmark, seed=seed, scale=scale, overwrite=True)
     if not (built.tiny_model / "config.json").is_file():
         build_tiny(built.benchmark, built.tiny_model, seed)
+    if not (built.vision_model / "config.json").is_file():
+        pretrain_vision(built.tiny_model, built.vision_model)
     if not (built.base_model / "config.json").is_file():
         pretrain_base(built)
     return built
@@ -85,6 +91,14 @@ def build_tiny(benchmark: Path, out: Path, seed: int, dims=None) -> Path:
     return out
 
 
+def pretrain_vision(tiny: Path, out: Path) -> Path:
+    """The tiny LLaVA with its vision tower pre-trained contrastively (the world's CLIP)."""
+    from llava_c_ray.model.vision_pretrain import pretrain_vision_tower
+
+    print(f"[llava-c] pre-training the tiny vision tower in {out}", flush=True)
+    return pretrain_vision_tower(tiny, out)
+
+
 def base_job(built: Builtin):
     return job_from_dict(
         {**BASE_RECIPE, "benchmark": {"path": str(built.benchmark), "setting": "general"}}
@@ -92,7 +106,8 @@ def base_job(built: Builtin):
 
 
 def pretrain_base(built: Builtin) -> Path:
-    """Train every weight of the tiny model on the union of the six general domains."""
+    """Train the language model and projector of the tiny model (its pre-trained vision tower
+    frozen) on the union of the six general domains."""
     from llava_c_ray.train.spec import StageSpec
     from llava_c_ray.train.stage import run_stage
 
@@ -104,7 +119,7 @@ def pretrain_base(built: Builtin) -> Path:
     job = base_job(built)
     work = built.root / ".base-training"
     shutil.rmtree(work, ignore_errors=True)
-    spec = StageSpec.from_job(job, tasks=job.tasks, init=built.tiny_model, out=work, name="base")
+    spec = StageSpec.from_job(job, tasks=job.tasks, init=built.vision_model, out=work, name="base")
     result = run_stage(spec)
     move_into_place(result.model_dir, built.base_model)
     shutil.rmtree(work, ignore_errors=True)

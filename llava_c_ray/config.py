@@ -122,6 +122,8 @@ class MethodConfig(Section):
 class TrainingConfig(Section):
     full_finetune: bool = False
     """Train all language-model weights instead of LoRA (used to pre-train the tiny base model)."""
+    train_vision_tower: bool = False
+    """With `full_finetune`, train the vision tower too (LLaVA-1.5 keeps its CLIP frozen)."""
     lora_r: int = Field(default=128, gt=0)
     """LoRA rank r."""
     lora_alpha: float = Field(default=256.0, gt=0)

@@ -168,12 +168,15 @@ class StepHook:
 class ModelSetup:
     """How the loaded start checkpoint becomes the model a stage trains, and how the trained model
     is saved. Default: a fresh LoRA on the language model's linears, the projector trained in
-    full, the vision tower frozen (SPEC.md §2.3) — or the whole language model with
-    `training.full_finetune`; saved as `adapter/` (peft) and `model/` (merged, a standard HF
-    checkpoint)."""
+    full, the vision tower frozen (SPEC.md §2.3) — or the whole language model and the projector
+    with `training.full_finetune` (the vision tower too with `training.train_vision_tower`);
+    saved as `adapter/` (peft) and `model/` (merged, a standard HF checkpoint)."""
 
     def __call__(self, model: nn.Module, training: TrainingConfig) -> nn.Module:
-        return model if training.full_finetune else add_lora(model, training)
+        if not training.full_finetune:
+            return add_lora(model, training)
+        model.model.vision_tower.requires_grad_(training.train_vision_tower)
+        return model
 
     def save(self, model: nn.Module, final: Path) -> None:
         """Write the stage's outputs under `final`: `model/` must be a checkpoint the method's

@@ -55,8 +55,9 @@ def training_arguments(spec: StageSpec, output_dir: Path, rank: int, steps: int)
         # The data stream itself starts at the resumed micro-batch (`ShardStream.start`).
         ignore_data_skip=True,
         disable_tqdm=rank != 0,
-        # Full training reaches vision layers past `vision_feature_layer`, which get no gradient.
-        ddp_find_unused_parameters=t.full_finetune,
+        # Training the vision tower reaches its layers past `vision_feature_layer`, which get no
+        # gradient.
+        ddp_find_unused_parameters=t.full_finetune and t.train_vision_tower,
         # The model's buffers (rotary frequencies, position ids) never change: no per-step broadcast.
         ddp_broadcast_buffers=False,
         # `compute_loss` returns each rank's mean: the label-token count gathered across ranks

@@ -97,3 +97,33 @@ def test_tokenizer_round_trips_every_answer(tiny_benchmark: Path, tiny_checkpoin
 def test_refuses_non_empty_output(tiny_benchmark: Path) -> None:
     with pytest.raises(LlavaCError, match="exists"):
         generate_benchmark(tiny_benchmark, scale="test")
+
+
+def test_continual_tasks_are_balanced_and_chance_is_one_over_answers(tiny_benchmark: Path) -> None:
+    """Every continual split holds each answer equally often (±1); chance = 100 / #answers."""
+    from collections import Counter
+
+    from llava_c_ray.data.synthetic.benchmark import CONTINUAL
+
+    index = json.loads((tiny_benchmark / "benchmark.json").read_text())
+    for spec, task in zip(CONTINUAL, index["continual"], strict=True):
+        assert task["chance"] == round(100 / len(spec.answers), 2)
+        for split in ("train", "val", "test"):
+            counts = Counter(
+                r.answer
+                for r in load_records(tiny_benchmark / task[split], tiny_benchmark / "images")
+            )
+            assert set(counts) <= set(spec.answers), (task["name"], split, counts)
+            assert max(counts.values()) - min(counts.values()) <= 1, (task["name"], split)
+            if sum(counts.values()) >= len(spec.answers):
+                assert set(counts) == set(spec.answers), (task["name"], split, counts)
+
+
+def test_balanced_answers_cover_every_answer_in_random_order() -> None:
+    import random
+
+    from llava_c_ray.data.synthetic.benchmark import balanced_answers
+
+    drawn = balanced_answers(random.Random(0), 10, ("a", "b", "c"))
+    assert sorted(drawn) == ["a"] * 4 + ["b"] * 3 + ["c"] * 3
+    assert drawn != sorted(drawn)

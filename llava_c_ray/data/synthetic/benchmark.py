@@ -12,8 +12,10 @@ TASK = {"name", "train", "val", "test", "image_folder", "suffix", "scoring", "ch
 (`suffix` is the task instruction, already part of every question.)
 ```
 
-`chance` is the score of always giving the most frequent training answer (a majority baseline),
-measured with the task's own scorer. Same seed → byte-identical files.
+The five continual tasks are balanced: each answer of a task is equally frequent in every split, and
+their `chance` is 1/#answers. A general task's `chance` is the score of always giving the most
+frequent training answer (a majority baseline), measured with its own scorer. Same seed →
+byte-identical files.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class TaskSpec:
     scoring: str
     instruction: str
     train_scale: int = 1  # × the scale's training size: reading words needs more examples
+    answers: tuple[str, ...] = ()
+    """The answers every split is balanced over (each equally often, so chance = 1/#answers);
+    empty for open answers."""
 
 
 GENERAL = (
@@ -50,12 +55,21 @@ GENERAL = (
     TaskSpec("spatial", domains.spatial, "exact", domains.WORD_SUFFIX),
     TaskSpec("grounding", domains.grounding, "bbox", domains.GROUNDING_PROMPT),
 )
+LETTERS = tuple("ABCD")
 CONTINUAL = (
-    TaskSpec("icon_count", domains.icon_count, "choice", domains.LETTER_SUFFIX),
-    TaskSpec("attributes", domains.attributes, "exact", domains.WORD_SUFFIX),
-    TaskSpec("count_math", domains.count_math, "exact", domains.WORD_SUFFIX),
-    TaskSpec("bar_chart", domains.bar_chart, "choice", domains.LETTER_AT_END_SUFFIX),
-    TaskSpec("line_plot", domains.line_plot, "choice", domains.LETTER_SUFFIX),
+    TaskSpec("icon_count", domains.icon_count, "choice", domains.LETTER_SUFFIX, answers=LETTERS),
+    TaskSpec(
+        "attributes",
+        domains.attributes,
+        "exact",
+        domains.WORD_SUFFIX,
+        answers=(*domains.OBJECT_SIZES, *domains.NEW_SHAPES),
+    ),
+    TaskSpec("count_math", domains.count_math, "exact", domains.WORD_SUFFIX, answers=tuple("0123")),
+    TaskSpec(
+        "bar_chart", domains.bar_chart, "choice", domains.LETTER_AT_END_SUFFIX, answers=LETTERS[:2]
+    ),
+    TaskSpec("line_plot", domains.line_plot, "choice", domains.LETTER_SUFFIX, answers=LETTERS),
 )
 PROBE_DOMAINS = (
     domains.text_qa,
@@ -66,7 +80,14 @@ PROBE_DOMAINS = (
 )
 SIZES = {
     "test": {"general": 16, "continual": 24, "val": 4, "test": 8, "probe": 2, "inquiry": 16},
-    "small": {"general": 400, "continual": 240, "val": 32, "test": 64, "probe": 20, "inquiry": 240},
+    "small": {
+        "general": 400,
+        "continual": 1200,
+        "val": 32,
+        "test": 64,
+        "probe": 20,
+        "inquiry": 240,
+    },
     "full": {
         "general": 2000,
         "continual": 1200,
@@ -129,9 +150,40 @@ class Writer:
         return rel
 
 
+BALANCE_TRIES = 10_000
+
+
+def draw_answer(domain: Domain, rng: random.Random, answer: str) -> Sample:
+    """A sample of `domain` whose answer is `answer` (rejection sampling)."""
+    for _ in range(BALANCE_TRIES):
+        sample = domain(rng, "word")
+        if sample.answer == answer:
+            return sample
+    raise LlavaCError(f"{domain.__name__} drew no answer {answer!r} in {BALANCE_TRIES} tries")
+
+
+def balanced_answers(rng: random.Random, n: int, answers: tuple[str, ...]) -> list[str]:
+    """`n` answers, each of `answers` equally often (±1), in a random order."""
+    targets = [answers[i % len(answers)] for i in range(n)]
+    rng.shuffle(targets)
+    return targets
+
+
 def draw_many(
-    writer: Writer, rng: random.Random, n: int, domain: Domain, sentence_share: float = 0.0
+    writer: Writer,
+    rng: random.Random,
+    n: int,
+    domain: Domain,
+    sentence_share: float = 0.0,
+    answers: tuple[str, ...] = (),
 ):
+    """`n` fresh samples; with `answers`, each of them is the answer equally often."""
+    if answers:
+        return [
+            writer.fresh(lambda r, a=a: draw_answer(domain, r, a), rng)
+            for a in balanced_answers(rng, n, answers)
+        ]
+
     def one(r: random.Random) -> Sample:
         style = "sentence" if r.random() < sentence_share else "word"
         return domain(r, style)
@@ -144,19 +196,26 @@ def majority_baseline(train: list[Sample], test: list[Sample], rule: str) -> flo
     return 100.0 * sum(score(common, s.answer, rule) for s in test) / len(test)
 
 
+def chance_level(spec: TaskSpec, train: list[Sample], test: list[Sample]) -> float:
+    """1/#answers for a balanced task, else the majority-answer baseline."""
+    if spec.answers:
+        return 100.0 / len(spec.answers)
+    return majority_baseline(train, test, spec.scoring)
+
+
 def write_task(
     writer: Writer, spec: TaskSpec, rng: random.Random, sizes: dict, n_train: int
 ) -> dict:
     share = SENTENCE_SHARE if spec in GENERAL and spec.domain in PROBE_DOMAINS else 0.0
     # Held-out splits first, so the training split is the one that avoids their samples.
-    test = draw_many(writer, rng, sizes["test"], spec.domain)
-    val = draw_many(writer, rng, sizes["val"], spec.domain)
-    train = draw_many(writer, rng, n_train, spec.domain, share)
+    test = draw_many(writer, rng, sizes["test"], spec.domain, answers=spec.answers)
+    val = draw_many(writer, rng, sizes["val"], spec.domain, answers=spec.answers)
+    train = draw_many(writer, rng, n_train, spec.domain, share, spec.answers)
     entry = {"name": spec.name, "image_folder": "images", "suffix": spec.instruction}
     for split, samples in (("train", train), ("val", val), ("test", test)):
         entry[split] = writer.split(split, spec.name, samples)
     entry["scoring"] = spec.scoring
-    entry["chance"] = round(majority_baseline(train, test, spec.scoring), 2)
+    entry["chance"] = round(chance_level(spec, train, test), 2)
     return entry
 
 
