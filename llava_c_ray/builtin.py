@@ -14,6 +14,7 @@ temporary directory and renamed into place, so an interrupted build is redone, n
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,17 @@ from pathlib import Path
 from llava_c_ray import console
 from llava_c_ray.config import job_from_dict
 from llava_c_ray.errors import LlavaCError
-from llava_c_ray.files import atomic_directory, move_into_place, refuse_overlap, refuse_replacing
+from llava_c_ray.files import (
+    atomic_directory,
+    move_into_place,
+    refuse_overlap,
+    refuse_replacing,
+    write_json_atomic,
+)
+
+WORLD_VERSION = 2
+"""The built-in world's version, written to `root/world.json`: 2 = the CLIP-style tower, balanced
+continual tasks of 1,200 rows (docs/builtin-world.md); 1 = the earlier world (no marker)."""
 
 BASE_RECIPE = {
     "name": "builtin-base",
@@ -54,6 +65,7 @@ def ensure_builtin(root: Path, *, seed: int = 0, scale: str = "small") -> Builti
     """Build (or reuse) the built-in benchmark, tiny model and pre-trained base under `root`."""
     root = Path(root).absolute()
     built = Builtin(root, root / "benchmark", root / "tiny", root / "vision", root / "base")
+    check_world_version(built)
     if not (built.benchmark / "benchmark.json").is_file():
         from llava_c_ray.data.synthetic.benchmark import generate_benchmark
 
@@ -66,6 +78,27 @@ def ensure_builtin(root: Path, *, seed: int = 0, scale: str = "small") -> Builti
     if not (built.base_model / "config.json").is_file():
         pretrain_base(built)
     return built
+
+
+def check_world_version(built: Builtin) -> None:
+    """Refuse a root built by another version of the built-in world (its parts would be reused
+    with this version's); mark a new root with this version."""
+    marker = built.root / "world.json"
+    if marker.is_file():
+        version = json.loads(marker.read_text()).get("version")
+    elif any(p.exists() for p in (built.benchmark, built.tiny_model, built.base_model)):
+        version = 1
+    else:
+        write_json_atomic(marker, {"version": WORLD_VERSION})
+        return
+    if version != WORLD_VERSION:
+        raise LlavaCError(
+            f"this folder holds the built-in world of version {version}; this llava-c builds "
+            f"version {WORLD_VERSION} (docs/builtin-world.md)",
+            path=built.root,
+            fix="move or remove it to build the current world there, or pass --out DIR "
+            "(runs made on the old world stay valid in their own folders)",
+        )
 
 
 def build_tiny(benchmark: Path, out: Path, seed: int, dims=None) -> Path:

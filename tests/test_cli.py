@@ -102,7 +102,7 @@ def fake_demo(monkeypatch, tiny_benchmark: Path, tiny_checkpoint: Path) -> list[
     ran: list[Any] = []
 
     def ensure_builtin(root: Path) -> Builtin:
-        return Builtin(root, tiny_benchmark, tiny_checkpoint, tiny_checkpoint)
+        return Builtin(root, tiny_benchmark, tiny_checkpoint, tiny_checkpoint, tiny_checkpoint)
 
     def run_job(job, force_new: bool = False) -> dict[str, Any]:
         ran.append(job)
